@@ -1,0 +1,85 @@
+"""Checkpoints that are complete or ignored.
+
+DeepSpeed writes model, optimizer and client state under <out>/checkpoints/<tag>/; each rank adds
+its own RNG and selector state; only when every rank is done does rank 0 write the tag's COMPLETE
+marker (write then rename). Resuming takes the newest tag with a marker, so a checkpoint cut short
+by a crash is never the one resumed from (and is deleted on the next start).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.distributed import DistInfo, barrier
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+TAG = re.compile(r"^step(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    with open(tmp) as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if TAG.match(p.name) and (p / MARKER).is_file())
+
+
+def clean_incomplete(ckpt_dir: Path, info: DistInfo) -> None:
+    """Rank 0 deletes tag directories without a marker (left by a crash during a save)."""
+    if info.is_main and ckpt_dir.is_dir():
+        for path in ckpt_dir.iterdir():
+            if path.is_dir() and TAG.match(path.name) and not (path / MARKER).is_file():
+                log.warning("removing incomplete checkpoint %s (a save was interrupted)", path)
+                shutil.rmtree(path)
+    barrier(info)
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+         info: DistInfo, keep: int) -> Path:
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rank_state, ckpt_dir / tag / f"rank{info.rank:05d}_state.pt")
+    barrier(info)  # every rank's files are on disk before the marker
+    if info.is_main:
+        _atomic_write(ckpt_dir / tag / MARKER, json.dumps({"step": step, "world_size": info.world_size}))
+        for old in complete_tags(ckpt_dir)[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    barrier(info)
+    return ckpt_dir / tag
+
+
+def load_latest(engine: Any, ckpt_dir: Path, info: DistInfo) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(client_state, this rank's state) from the newest complete checkpoint, or None."""
+    clean_incomplete(ckpt_dir, info)
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return None
+    tag = tags[-1]
+    marker = json.loads((ckpt_dir / tag / MARKER).read_text())
+    if marker.get("world_size") != info.world_size:
+        raise RuntimeError(f"{ckpt_dir / tag}: saved with {marker.get('world_size')} ranks, resuming with "
+                           f"{info.world_size}: exact resumption needs the same number of ranks")
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+    rank_state = torch.load(ckpt_dir / tag / f"rank{info.rank:05d}_state.pt", weights_only=True)
+    log.info("resumed from %s (step %d)", ckpt_dir / tag, client_state["step"])
+    return client_state, rank_state

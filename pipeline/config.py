@@ -1,0 +1,260 @@
+"""Typed run configuration: dataclasses loaded from YAML/JSON plus dotted command-line overrides.
+
+Science knobs (model, data, selection) live here; speed knobs (ZeRO stage, precision, offload) live
+in the DeepSpeed JSON files under ds_configs/ (see pipeline/ds_config.py).
+Every key is checked before any compute starts: unknown keys and bad values raise ConfigError
+naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POLICIES = ("vanilla", "random", "sift", "exact", "selective_backprop")
+PRESETS = ("tiny", "mini", "base", "large")
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "mini"  # tiny | mini | base | large (pipeline/model.py)
+    num_layers: int = 0  # 0 = the preset's value; likewise below
+    hidden_size: int = 0
+    num_heads: int = 0
+    intermediate_size: int = 0
+    max_position: int = 0  # 0 = the data's seq_len
+    dropout: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/demo"  # a data_prep output directory
+    mask_prob: float = 0.15
+    shuffle_buffer: int = 2000
+    num_workers: int = 0  # DataLoader workers per rank
+    eval_samples: int = 512  # fixed-mask validation samples (all ranks together)
+    strict: bool = False  # True: a corrupt shard stops training; False: skip it, count it
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/demo"
+    ds_configs: list[str] = field(default_factory=lambda: ["ds_configs/base.json", "ds_configs/cpu.json"])
+    micro_batch: int = 16  # m: samples backpropagated per rank per micro-step
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_steps: int = 1000
+    max_seconds: float = 0.0  # wall-clock budget of training time; 0 = none
+    target_accuracy: float = 0.0  # stop when eval accuracy reaches it; 0 = never
+    eval_every: int = 200
+    log_every: int = 10
+    ckpt_every: int = 200  # 0 = only at the end
+    keep_checkpoints: int = 2
+    max_nonfinite_in_a_row: int = 5
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
+    resume: bool = True  # resume from the newest complete checkpoint in out_dir
+    export: bool = True  # write a Hugging Face model directory at the end
+    record_keys: bool = False  # write each step's candidate and kept sample keys to out_dir/keys/
+
+
+@dataclass
+class SelectConfig:
+    policy: str = "vanilla"  # vanilla | random | sift | exact | selective_backprop
+    oversample: int = 2  # candidates per micro-step = micro_batch * oversample
+    exit_layer: int = 1  # blocks run for scoring (sift); exact uses num_layers
+    sb_beta: float = 1.0  # selective_backprop: keep prob = percentile ** beta
+    sb_history: int = 1024  # selective_backprop: losses remembered for the percentile
+    active_from: float = 0.0  # fraction of max_steps at which selection starts
+    active_to: float = 1.0  # ... and stops; outside it the first m candidates train
+    every: int = 1  # select on every n-th step only
+    probe_every: int = 100  # compare exit-layer vs exact ranking every n steps; 0 = never
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "sift-pretrain"
+    artifact_location: str = ""
+    run_name: str = ""  # "" = derived from policy, exit layer, preset, seed
+    retry_seconds: float = 5.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- config file <- `key=value` overrides, then validated."""
+    raw: dict[str, Any] = {}
+    if path:
+        raw = _read_file(path)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=5e-4")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path}: not found")
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return data
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data or model; pipeline.train checks the rest against the manifest."""
+    m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.select
+    _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
+    for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "max_position"):
+        _check(getattr(m, name) >= 0, f"model.{name}", "must be >= 0 (0 = preset value)")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(0.0 < d.mask_prob < 1.0, "data.mask_prob", f"must be in (0, 1), got {d.mask_prob}")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.eval_samples >= 1, "data.eval_samples", "must be >= 1")
+    _check(t.micro_batch >= 1, "train.micro_batch", f"must be >= 1, got {t.micro_batch}")
+    _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    _check(t.max_seconds >= 0, "train.max_seconds", "must be >= 0 (0 = no budget)")
+    _check(0.0 <= t.target_accuracy <= 1.0, "train.target_accuracy", "must be in [0, 1] (0 = none)")
+    for name in ("eval_every", "log_every"):
+        _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1")
+    _check(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0 = only at the end)")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
+    _check(t.threads >= 0, "train.threads", "must be >= 0")
+    _check(bool(t.ds_configs), "train.ds_configs", "needs at least one DeepSpeed JSON")
+    _check(s.policy in POLICIES, "select.policy", f"must be one of {', '.join(POLICIES)}, got {s.policy!r}")
+    _check(s.oversample >= 1, "select.oversample", f"must be >= 1, got {s.oversample}")
+    _check(s.policy == "vanilla" or s.oversample >= 2, "select.oversample",
+           f"policy {s.policy} selects among candidates: needs oversample >= 2")
+    _check(s.exit_layer >= 0, "select.exit_layer", f"must be >= 0, got {s.exit_layer}")
+    _check(s.sb_beta > 0, "select.sb_beta", "must be > 0")
+    _check(s.sb_history >= 1, "select.sb_history", "must be >= 1")
+    _check(0.0 <= s.active_from <= s.active_to <= 1.0, "select.active_from",
+           "need 0 <= active_from <= active_to <= 1")
+    _check(s.every >= 1, "select.every", "must be >= 1")
+    _check(s.probe_every >= 0, "select.probe_every", "must be >= 0")
+
+
+def candidates_per_micro_step(cfg: Config) -> int:
+    return cfg.train.micro_batch * (1 if cfg.select.policy == "vanilla" else cfg.select.oversample)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists become comma-joined strings."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list):
+            flat[f"{prefix}{key}"] = ",".join(map(str, value))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,222 @@
+"""Streaming MLM batches from the data_prep shards with webdataset.
+
+Per epoch, the train shards are permuted (seeded by run seed and epoch) and dealt to ranks
+round-robin, so ranks read disjoint shards. Every rank yields the same number of micro-batches per
+epoch (the smallest rank's share), so no rank runs out first and hangs a collective.
+Masking is seeded per sample (run seed, epoch, sample key): the same sample gets the same mask
+whatever the number of loader workers. Resuming skips the micro-batches already consumed in the
+epoch, which gives back exactly the stream an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from pipeline.manifest import Manifest
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+EVAL_MASK_SEED = 20240207  # fixed: eval masks identical across runs, seeds and policies
+
+
+class CorruptSampleError(RuntimeError):
+    """A sample or shard that cannot be decoded; the message names the shard."""
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    mask_prob: float
+    vocab_size: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> list[int]:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return [seed, epoch, int.from_bytes(digest, "little")]
+
+
+def mask_tokens(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's dynamic masking: pick mask_prob of the non-special tokens; 80% [MASK], 10% random, 10% kept."""
+    ids = ids.astype(np.int64)
+    labels = np.full_like(ids, IGNORE_INDEX)
+    candidates = ~np.isin(ids, spec.special_ids)
+    chosen = candidates & (rng.random(ids.shape) < spec.mask_prob)
+    labels[chosen] = ids[chosen]
+    action = rng.random(ids.shape)
+    inputs = ids.copy()
+    inputs[chosen & (action < 0.8)] = spec.mask_id
+    randomize = chosen & (action >= 0.8) & (action < 0.9)
+    inputs[randomize] = rng.integers(0, spec.vocab_size, size=int(randomize.sum()))
+    return inputs, labels
+
+
+def decode_sample(sample: dict, seq_len: int, vocab_size: int) -> tuple[str, np.ndarray]:
+    """Shard sample -> (key, token ids). Never unpickles; rejects unsafe names and bad arrays."""
+    key, url = sample.get("__key__", ""), sample.get("__url__", "?")
+    if ".." in key or key.startswith("/") or "/" in key:
+        raise CorruptSampleError(f"{url}: unsafe member name {key!r} (contains '..' or a path)")
+    payload = sample.get("input_ids.npy")
+    if payload is None:
+        raise CorruptSampleError(f"{url}: sample {key!r} has no input_ids.npy (members: {sorted(sample)})")
+    try:
+        ids = np.load(io.BytesIO(payload), allow_pickle=False)
+    except Exception as err:  # numpy raises ValueError/OSError/EOFError on bad bytes or pickles
+        raise CorruptSampleError(f"{url}: sample {key!r}: not a plain .npy array ({err})") from err
+    if ids.ndim != 1 or ids.shape[0] != seq_len or ids.dtype.kind not in "iu":
+        raise CorruptSampleError(f"{url}: sample {key!r}: expected {seq_len} integer ids, got {ids.dtype}{ids.shape}")
+    if ids.size and int(ids.max()) >= vocab_size:
+        raise CorruptSampleError(f"{url}: sample {key!r}: token id {int(ids.max())} >= vocab size {vocab_size}")
+    return key, ids
+
+
+class SkipCounter:
+    """webdataset handler: strict mode re-raises; otherwise counts and logs each skipped error."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skipped = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.strict:
+            raise CorruptSampleError(f"corrupt shard data (data.strict=true): {exn}") from exn
+        self.skipped += 1
+        log.warning("skipping corrupt data (%d so far): %s", self.skipped, exn)
+        return True
+
+
+def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCounter,
+                 shuffle_buffer: int = 0, shuffle_seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, ids) from the given shards in order, optionally through a seeded shuffle buffer."""
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                             empty_check=False, handler=handler, select_files=_is_payload)
+    if shuffle_buffer > 1:
+        dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed)
+    for sample in dataset:
+        try:
+            yield decode_sample(sample, seq_len, vocab_size)
+        except CorruptSampleError as err:
+            handler(err)
+
+
+def _is_payload(name: str) -> bool:
+    if name.startswith("/") or ".." in name.split("/"):
+        raise CorruptSampleError(f"unsafe tar member name {name!r}")
+    return name.endswith(".input_ids.npy")
+
+
+def rank_shards(manifest: Manifest, epoch: int, seed: int, rank: int, world: int) -> list[list[dict]]:
+    """Train shards of every rank for this epoch: a seeded permutation dealt round-robin."""
+    shards = manifest.shards("train")
+    order = np.random.default_rng([seed, epoch, 7]).permutation(len(shards))
+    return [[shards[i] for i in order[r::world]] for r in range(world)]
+
+
+def micro_steps_per_epoch(manifest: Manifest, epoch: int, seed: int, world: int, batch: int) -> int:
+    per_rank = rank_shards(manifest, epoch, seed, 0, world)
+    return min(sum(s["samples"] for s in shards) for shards in per_rank) // batch
+
+
+class CandidateBatches(torch.utils.data.IterableDataset):
+    """Micro-batches of candidates for one rank and one epoch, starting at micro-step `start`.
+
+    Each loader worker reads the rank's whole stream (cheap) but decodes and masks only the
+    batches b with b % num_workers == worker, so the DataLoader's round-robin gives back the
+    single-process order for any number of workers.
+    """
+
+    def __init__(self, manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, seed: int,
+                 rank: int, world: int, start: int, shuffle_buffer: int, strict: bool) -> None:
+        super().__init__()
+        self.manifest, self.spec, self.batch, self.epoch, self.seed = manifest, spec, batch, epoch, seed
+        self.rank, self.start, self.shuffle_buffer = rank, start, shuffle_buffer
+        self.urls = [manifest.url(s) for s in rank_shards(manifest, epoch, seed, rank, world)[rank]]
+        self.steps = micro_steps_per_epoch(manifest, epoch, seed, world, batch)
+        self.handler = SkipCounter(strict)
+        self.padded = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        pending: list[tuple[str, np.ndarray]] = []
+        step = 0
+        for item in self._samples():
+            pending.append(item)
+            if len(pending) < self.batch:
+                continue
+            if step >= self.start and step % workers == worker:
+                yield self._collate(pending)
+            pending, step = [], step + 1
+            if step >= self.steps:
+                return
+
+    def _samples(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The epoch's stream; if corrupt data made it short, it starts over (counted as padding)."""
+        needed = self.steps * self.batch
+        produced = 0
+        while produced < needed:
+            before = produced
+            for item in shard_stream(self.urls, self.manifest.seq_len, self.spec.vocab_size, self.handler,
+                                     self.shuffle_buffer, shuffle_seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank):
+                yield item
+                produced += 1
+                if produced >= needed:
+                    return
+            if produced == before:
+                raise CorruptSampleError(f"rank {self.rank}: no readable sample in {self.urls}")
+            self.padded += needed - produced
+            log.warning("rank %d epoch %d: stream short by %d samples (corrupt data?); repeating it",
+                        self.rank, self.epoch, needed - produced)
+
+    def _collate(self, items: list[tuple[str, np.ndarray]]) -> dict:
+        inputs, labels = zip(*(mask_tokens(ids, np.random.default_rng(sample_seed(self.seed, self.epoch, key)),
+                                           self.spec) for key, ids in items))
+        return {"keys": [key for key, _ in items],
+                "input_ids": torch.from_numpy(np.stack(inputs)),  # (B, T)
+                "labels": torch.from_numpy(np.stack(labels))}  # (B, T), -100 where not masked
+
+
+def train_loader(manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, seed: int, rank: int,
+                 world: int, start: int, shuffle_buffer: int, strict: bool, num_workers: int
+                 ) -> tuple[torch.utils.data.DataLoader, CandidateBatches]:
+    dataset = CandidateBatches(manifest, spec, batch=batch, epoch=epoch, seed=seed, rank=rank, world=world,
+                               start=start, shuffle_buffer=shuffle_buffer, strict=strict)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                         persistent_workers=False)
+    return loader, dataset
+
+
+def eval_batches(manifest: Manifest, spec: MaskSpec, *, samples: int, batch: int, rank: int, world: int,
+                 strict: bool = True) -> list[dict]:
+    """This rank's share of the first `samples` validation samples, masked with a fixed seed.
+
+    Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward)."""
+    urls = [manifest.url(s) for s in manifest.shards("val")]
+    if not urls:
+        raise CorruptSampleError(f"{manifest.path}: no validation shards")
+    per_rank = min(samples, manifest.split_samples("val")) // world
+    if per_rank == 0:
+        raise CorruptSampleError(f"{manifest.path}: {manifest.split_samples('val')} validation samples "
+                                 f"cannot give each of {world} ranks one")
+    mine: list[tuple[str, np.ndarray]] = []
+    for index, item in enumerate(shard_stream(urls, manifest.seq_len, spec.vocab_size, SkipCounter(strict))):
+        if index >= per_rank * world:
+            break
+        if index % world == rank:
+            mine.append(item)
+    batches = []
+    for i in range(0, len(mine), batch):
+        items = mine[i:i + batch]
+        inputs, labels = zip(*(mask_tokens(ids, np.random.default_rng(sample_seed(EVAL_MASK_SEED, 0, key)), spec)
+                               for key, ids in items))
+        batches.append({"keys": [k for k, _ in items], "input_ids": torch.from_numpy(np.stack(inputs)),
+                        "labels": torch.from_numpy(np.stack(labels))})
+    return batches
+

@@ -1,0 +1,73 @@
+"""Compose the DeepSpeed JSON: one base file plus small overrides, merged left to right.
+
+Batch sizes, learning rate, weight decay and clipping are science knobs owned by the run config
+(pipeline/config.py); they are written into the DeepSpeed dict here, in one place, and a JSON file
+that sets them differently is an error naming the file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OWNED_BY_RUN_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                       "gradient_clipping")
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the repository (so `ds_configs/zero2.json` works anywhere)."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"train.ds_configs: {path} not found (looked in the working directory and {REPO_ROOT})")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.ds_configs: {path}: not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.ds_configs: {path}: the top level must be an object")
+    for key in OWNED_BY_RUN_CONFIG:
+        if key in data:
+            raise ConfigError(f"train.ds_configs: {path} sets {key!r}; it is derived from the run config "
+                              f"(train.micro_batch, train.grad_accum, train.grad_clip) instead")
+    return data
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Merged JSON + the derived batch arithmetic:
+    train_batch_size = micro_batch * grad_accum * world_size (samples backpropagated per optimizer step)."""
+    merged: dict[str, Any] = {}
+    for path in cfg.train.ds_configs:
+        merged = deep_merge(merged, read_json(resolve_path(path)))
+    t = cfg.train
+    merged["train_micro_batch_size_per_gpu"] = t.micro_batch
+    merged["gradient_accumulation_steps"] = t.grad_accum
+    merged["train_batch_size"] = t.micro_batch * t.grad_accum * world_size
+    merged["gradient_clipping"] = t.grad_clip
+    optimizer = merged.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    optimizer.setdefault("params", {}).update({"lr": t.lr, "weight_decay": t.weight_decay})
+    stage = merged.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.ds_configs: zero_optimization.stage must be 0-3, got {stage!r}")
+    return merged
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,74 @@
+"""Reading a data_prep output directory (docs/ARCHITECTURE.md, section 1) with clear errors."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """The shard directory is missing, incomplete or does not match the model."""
+
+
+class Manifest:
+    """The manifest of a shard directory. `location` is a local directory or a URL prefix
+    (http(s)://..., or anything webdataset opens) under which the shards and manifest.json lie."""
+
+    def __init__(self, location: str, data: dict[str, Any]) -> None:
+        self.location = location.rstrip("/")
+        self.path = f"{self.location}/manifest.json"
+        self.data = data
+        for key in ("seq_len", "vocab_size", "shards", "tokenizer"):
+            if key not in data:
+                raise DataError(f"{self.path}: missing key {key!r}")
+        self.seq_len: int = int(data["seq_len"])
+        self.vocab_size: int = int(data["vocab_size"])
+        special = data["tokenizer"].get("special_ids", {})
+        missing = {"cls", "sep", "pad", "mask"} - set(special)
+        if missing:
+            raise DataError(f"{self.path}: tokenizer.special_ids lacks {sorted(missing)}")
+        self.special_ids: dict[str, int] = {k: int(v) for k, v in special.items()}
+
+    @classmethod
+    def load(cls, location: str) -> "Manifest":
+        if "://" in location:
+            import urllib.request
+
+            with urllib.request.urlopen(f"{location.rstrip('/')}/manifest.json") as response:
+                return cls(location, json.loads(response.read()))
+        path = Path(location) / "manifest.json"
+        if not Path(location).is_dir():
+            raise DataError(f"data.dir {location}: no such directory (run `python -m data_prep build` first)")
+        if not path.is_file():
+            raise DataError(f"{path}: not found; is {location} a data_prep output directory?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON: {err}") from err
+        manifest = cls(location, data)
+        manifest.check_local_shards()
+        return manifest
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        return [s for s in self.data["shards"] if s.get("split") == split]
+
+    def split_samples(self, split: str) -> int:
+        return sum(int(s["samples"]) for s in self.shards(split))
+
+    def url(self, shard: dict[str, Any]) -> str:
+        name = shard["name"]
+        if "/" in name or ".." in name:
+            raise DataError(f"{self.path}: unsafe shard name {name!r}")
+        return f"{self.location}/{name}"
+
+    def tokenizer_dir(self) -> str:
+        return os.path.join(self.location, self.data["tokenizer"].get("dir", "tokenizer"))
+
+    def check_local_shards(self) -> None:
+        if not self.shards("train"):
+            raise DataError(f"{self.path}: lists no train shards")
+        missing = [s["name"] for s in self.data["shards"] if not os.path.isfile(self.url(s))]
+        if missing:
+            raise DataError(f"{self.location}: shards listed in manifest.json are missing: {', '.join(missing[:5])}"
+                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))

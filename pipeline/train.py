@@ -1,0 +1,186 @@
+"""Pretrain BERT-MLM on DeepSpeed, backpropagating only the samples the selection policy keeps.
+
+    python -m pipeline.train --config configs/mini.yaml --set select.policy=sift --set select.exit_layer=1
+    deepspeed --num_gpus 8 --module pipeline.train --config configs/base.yaml
+    torchrun --nproc_per_node 2 -m pipeline.train --config configs/tiny.yaml
+
+Per optimizer step and rank: grad_accum micro-steps, each drawing m * oversample candidates,
+keeping m (pipeline/selector.py) and running forward, engine.backward and engine.step on those m.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from pipeline.config import Config, candidates_per_micro_step, load_config
+from pipeline.distributed import DistInfo, all_reduce_max, init_distributed, shutdown
+from pipeline.run_setup import Progress, RunParts, build_run, check_finite, lr_at
+
+log = logging.getLogger("pipeline.train")
+
+
+def train(cfg: Config, info: DistInfo) -> dict[str, float]:
+    """The whole run; returns the last eval metrics. Resumes from out_dir's newest checkpoint."""
+    run: RunParts = build_run(cfg, info)
+    engine, selector, progress, tracker = run.engine, run.selector, run.progress, run.tracker
+    t = cfg.train
+    m, candidates, world = t.micro_batch, candidates_per_micro_step(cfg), info.world_size
+    log.info("per optimizer step: %d ranks x %d micro-steps x %d kept of %d candidates = %d samples "
+             "backpropagated, %d seen (%d tokens each)", world, t.grad_accum, m, candidates,
+             m * t.grad_accum * world, candidates * t.grad_accum * world, run.manifest.seq_len)
+    stop = StopFlag()
+    bar = tqdm(total=t.max_steps, initial=progress.step, disable=not info.is_main, unit="step", dynamic_ncols=True)
+    started = time.perf_counter() - progress.wall_clock_s
+    last_eval: dict[str, float] = {}
+    window: list[dict[str, float]] = []
+
+    while progress.step < t.max_steps:
+        step_start = time.perf_counter()
+        lr = lr_at(progress.step, t)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        probe_due = cfg.select.probe_every > 0 and progress.step % cfg.select.probe_every == 0
+        probe, probe_s = {}, 0.0
+        losses, scoring_s, kept_loss, dropped_loss, kept_ce, pool_ce = [], 0.0, [], [], [], []
+        while len(losses) < t.grad_accum:
+            batch = next(run.batches)  # (m * oversample, T) candidates
+            if probe_due and not probe:  # a diagnostic: its time is not training time
+                probe_start = time.perf_counter()
+                probe = selector.probe(engine.module.mlm, batch)
+                probe_s += time.perf_counter() - probe_start
+            kept, stats = selector.select(engine.module.mlm, batch, progress.step)  # (m, T)
+            progress.samples_seen += candidates * world
+            out = engine(kept["input_ids"].to(info.device), kept["labels"].to(info.device))
+            if not check_finite(out.loss, info, progress, t.max_nonfinite_in_a_row):
+                continue  # every rank skips this micro-step together; counted in progress
+            engine.backward(out.loss)
+            engine.step()
+            progress.samples_backprop += m * world
+            run.record_keys(progress.step, batch["keys"], kept["keys"])
+            losses.append(out.loss.item())
+            scoring_s += stats.scoring_s
+            kept_loss.append(stats.kept_loss), dropped_loss.append(stats.dropped_loss)
+            kept_ce.append(stats.kept_unigram_ce), pool_ce.append(stats.pool_unigram_ce)
+        progress.step += 1
+        step_s = time.perf_counter() - step_start - probe_s
+        progress.train_time_s += step_s
+        progress.wall_clock_s = time.perf_counter() - started
+        bar.update(1)
+        window.append({"train/loss": sum(losses) / len(losses), "train/lr": lr,
+                       "train/grad_norm": _grad_norm(engine), "time/step_s": step_s, "time/scoring_s": scoring_s,
+                       "select/scoring_share": scoring_s / step_s, "select/kept_loss": _mean(kept_loss),
+                       "select/dropped_loss": _mean(dropped_loss), "select/kept_unigram_ce": _mean(kept_ce),
+                       "select/pool_unigram_ce": _mean(pool_ce), **probe})
+
+        if progress.step % t.log_every == 0 or progress.step == t.max_steps:
+            tracker.log_metrics(_window_metrics(window, progress, m * world, run.manifest.seq_len), progress.step)
+            bar.set_postfix(loss=f"{window[-1]['train/loss']:.3f}", lr=f"{lr:.2e}")
+            window = []
+        reached = False
+        if progress.step % t.eval_every == 0 or progress.step == t.max_steps:
+            last_eval = run.evaluate()
+            tracker.log_metrics({**last_eval, "eval/train_time_s": progress.train_time_s,
+                                 "eval/samples_backpropagated": progress.samples_backprop,
+                                 "eval/samples_seen": progress.samples_seen,
+                                 "eval/wall_clock_s": time.perf_counter() - started}, progress.step)
+            log.info("step %d: eval loss %.4f accuracy %.4f", progress.step, last_eval["eval/loss"],
+                     last_eval["eval/accuracy"])
+            reached = 0 < t.target_accuracy <= last_eval["eval/accuracy"]
+        out_of_time = 0 < t.max_seconds <= progress.train_time_s
+        stopping = all_reduce_max(float(stop.requested or out_of_time), info) > 0 or reached
+        if stopping or progress.step == t.max_steps or (t.ckpt_every and progress.step % t.ckpt_every == 0):
+            progress.wall_clock_s = time.perf_counter() - started
+            run.save_checkpoint()
+        if stopping:
+            log.info("stopping at step %d: %s", progress.step, "signal" if stop.requested else
+                     "target accuracy reached" if reached else "time budget spent")
+            break
+    bar.close()
+    if stop.requested:
+        tracker.close(status="KILLED")  # preempted: the requeued job resumes this MLflow run
+        return last_eval
+    if not last_eval:
+        last_eval = run.evaluate()
+        tracker.log_metrics(last_eval, progress.step)
+    run.finish()
+    return last_eval
+
+
+def _window_metrics(window: list[dict[str, float]], progress: Progress, batch: int, seq_len: int
+                    ) -> dict[str, float]:
+    metrics = {key: _mean([w[key] for w in window if key in w]) for key in window[-1]}
+    step_s = metrics["time/step_s"]
+    metrics.update({"train/samples_per_s": batch / step_s, "train/tokens_per_s": batch * seq_len / step_s,
+                    "progress/samples_seen": progress.samples_seen,
+                    "progress/samples_backpropagated": progress.samples_backprop,
+                    "progress/train_time_s": progress.train_time_s, "progress/wall_clock_s": progress.wall_clock_s,
+                    "train/nonfinite_skipped": progress.nonfinite_skipped})
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else math.nan
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint and exit at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
+
+    def _handle(self, signum: int, _frame) -> None:
+        log.warning("received signal %d: checkpointing and stopping after this step", signum)
+        self.requested = True
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON run config (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, repeatable: --set train.lr=5e-4 --set select.policy=sift")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)  # every config error surfaces before any compute
+    info = init_distributed()
+    setup_logging(info.rank)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        train(cfg, info)
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
