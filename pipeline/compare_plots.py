@@ -1,0 +1,212 @@
+"""What `pipeline.compare` writes: the markdown tables and the PNG plots.
+
+Plots: one line per run, colour per (policy, exit layer), linestyle per seed, the target accuracy
+as a horizontal line and each run's first eval at or above it marked. They use the Agg canvas on
+explicit `Figure` objects, so there is no pyplot global state and no display.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline.compare import (
+    BASELINE_POLICY, NOT_REACHED, EvalPoint, RunData, first_reaching, group_order,
+)
+
+logger = logging.getLogger(__name__)
+
+LINESTYLES = ("-", "--", ":", "-.")
+PROBE_KEYS = (("probe/spearman", "Spearman (exit vs exact loss)"),
+              ("probe/topk_overlap", "top-k overlap (exit vs exact)"))
+
+
+# ----------------------------------------------------------------------------- tables
+def fmt(value: float | None, digits: int = 1, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.{digits}f}"
+
+
+def fmt_spread(s: dict | None, digits: int = 1, missing: str = "-") -> str:
+    if s is None:
+        return missing
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}..{s['max']:.{digits}f}]"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table padded so it also reads as plain text in a terminal."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def runs_table(rows: Sequence[dict]) -> str:
+    headers = ["run", "policy", "exit", "overs.", "seed", "time to target (s)",
+               "samples to target", "final acc", "step (s)", "scoring share"]
+    body = []
+    for r in rows:
+        reached = r["reached"]
+        body.append([
+            r["name"], r["policy"], r["exit_layer"], r["oversample"], r["seed"],
+            fmt(r["time_to_target_s"], 1, "n/a") if reached else NOT_REACHED,
+            fmt(r["samples_to_target"], 0, "n/a") if reached else NOT_REACHED,
+            fmt(r["final_accuracy"], 4), fmt(r["mean_step_s"], 3), fmt(r["scoring_share"], 3),
+        ])
+    return markdown_table(headers, body)
+
+
+def groups_table(groups: Sequence[dict], baseline: str = BASELINE_POLICY) -> str:
+    headers = ["policy", "exit", "reached", "time to target (s) mean [min..max]",
+               f"x {baseline} time", "samples to target mean [min..max]",
+               f"x {baseline} samples", "final acc mean [min..max]", "step (s)", "scoring share"]
+    body = [[g["policy"], g["exit_layer"], f"{g['reached']}/{g['runs']}",
+             fmt_spread(g["time_to_target_s"], 1, NOT_REACHED), fmt(g["time_ratio"], 2),
+             fmt_spread(g["samples_to_target"], 0, NOT_REACHED), fmt(g["samples_ratio"], 2),
+             fmt_spread(g["final_accuracy"], 4), fmt(g["mean_step_s"], 3),
+             fmt(g["scoring_share"], 3)] for g in groups]
+    return markdown_table(headers, body)
+
+
+def report_markdown(target: float, rule: str, rows: Sequence[dict], groups: Sequence[dict],
+                    baseline: str = BASELINE_POLICY) -> str:
+    return "\n".join([
+        "# Run comparison", "",
+        f"Target eval accuracy: **{target:.4f}** ({rule}).", "",
+        "Time and samples to target are the progress counters at the first eval whose accuracy "
+        "is >= the target; a target never reached is shown as such, never interpolated.", "",
+        "## Runs", "", runs_table(rows), "",
+        "## By policy and exit layer (spread over seeds)", "",
+        f"Means over the runs that reached the target; ratios to {baseline}'s mean where "
+        f"{baseline} reached it.", "", groups_table(groups, baseline), "",
+    ])
+
+
+# ----------------------------------------------------------------------------- plots
+def group_labels(runs: Sequence[RunData]) -> dict[tuple[str, str], str]:
+    """"policy@exit" for policies compared at several exit layers, else the policy alone (the
+    trainer logs a default exit layer for policies that do not use it)."""
+    layers: dict[str, set[str]] = {}
+    for r in runs:
+        layers.setdefault(r.policy, set()).add(r.exit_layer)
+    return {r.group: f"{r.policy}@{r.exit_layer}" if len(layers[r.policy]) > 1 else r.policy
+            for r in runs}
+
+
+def _seed_order(seed: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(seed))
+    except ValueError:
+        return (1, seed)
+
+
+def legend_order(runs: Sequence[RunData], baseline: str = BASELINE_POLICY) -> list[RunData]:
+    """Runs sorted baseline first, then by (policy, exit layer), then by seed."""
+    return sorted(runs, key=lambda r: (group_order(r.group, baseline), _seed_order(r.seed),
+                                       r.name))
+
+
+def run_styles(runs: Sequence[RunData], baseline: str = BASELINE_POLICY) -> dict[str, dict]:
+    """run_id -> line kwargs: a colour per (policy, exit layer), the baseline black and drawn on
+    top; a linestyle per seed."""
+    others = sorted({r.group for r in runs if r.policy != baseline},
+                    key=lambda g: group_order(g, baseline))
+    seeds = sorted({r.seed for r in runs}, key=_seed_order)
+    labels = group_labels(runs)
+    return {r.run_id: {
+        "color": "black" if r.policy == baseline else f"C{others.index(r.group) % 10}",
+        "zorder": 3 if r.policy == baseline else 2,
+        "linestyle": LINESTYLES[seeds.index(r.seed) % len(LINESTYLES)],
+        "label": f"{labels[r.group]} seed {r.seed} ({r.name})",
+    } for r in runs}
+
+
+def _new_figure(nrows: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(9.5, 4.2 * nrows), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(nrows, 1, i + 1) for i in range(nrows)]
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, format="png", bbox_inches="tight")
+    logger.info("wrote %s", path)
+    return path
+
+
+def _legend(ax) -> None:
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def plot_accuracy(runs: Sequence[RunData], target: float, path: Path,
+                  x_of: Callable[[EvalPoint], float | None], xlabel: str, title: str,
+                  baseline: str = BASELINE_POLICY) -> Path:
+    """Eval accuracy against x_of(eval); evals without an x value are left out of the line."""
+    fig, (ax,) = _new_figure()
+    styles = run_styles(runs, baseline)
+    for run in legend_order(runs, baseline):
+        points = [(x_of(p), p.accuracy) for p in run.evals if x_of(p) is not None]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker=".", markersize=4, linewidth=1.4, **styles[run.run_id])
+        hit = first_reaching(run.evals, target)
+        if hit is not None and x_of(hit) is not None:
+            ax.plot([x_of(hit)], [hit.accuracy], marker="o", markersize=9, markeredgewidth=1.6,
+                    linestyle="none", markerfacecolor="none", color=styles[run.run_id]["color"],
+                    zorder=4)
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1.2, zorder=1,
+               label=f"target {target:.4f} (o: first eval at or above)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("eval MLM accuracy")
+    ax.set_title(title)
+    _legend(ax)
+    return _save(fig, path)
+
+
+def plot_probe(runs: Sequence[RunData], path: Path,
+               baseline: str = BASELINE_POLICY) -> Path | None:
+    """Exit-layer vs exact ranking agreement over training; None when no run logged a probe."""
+    probed = [r for r in legend_order(runs, baseline)
+              if any(key in r.series for key, _ in PROBE_KEYS)]
+    if not probed:
+        logger.info("no run logged probe/* metrics: approximation-quality plot skipped")
+        return None
+    fig, axes = _new_figure(nrows=len(PROBE_KEYS))
+    styles = run_styles(runs, baseline)
+    for ax, (key, ylabel) in zip(axes, PROBE_KEYS):
+        for run in probed:
+            if key in run.series:
+                steps, values = zip(*run.series[key])
+                ax.plot(steps, values, linewidth=1.2, **styles[run.run_id])
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("optimizer step")
+    _legend(axes[0])
+    axes[0].set_title("Approximation quality: exit-layer loss ranking vs exact loss ranking")
+    return _save(fig, path)
+
+
+def write_plots(runs: Sequence[RunData], target: float, out_dir: Path,
+                baseline: str = BASELINE_POLICY) -> list[Path]:
+    """All comparison PNGs into out_dir; returns the paths written."""
+    written = [
+        plot_accuracy(runs, target, out_dir / "accuracy_vs_train_time.png",
+                      lambda p: p.train_time_s, "training time (s, eval/train_time_s)",
+                      "Eval accuracy vs training wall-clock", baseline),
+        plot_accuracy(runs, target, out_dir / "accuracy_vs_samples.png",
+                      lambda p: p.samples_backpropagated,
+                      "samples backpropagated (eval/samples_backpropagated)",
+                      "Eval accuracy vs samples backpropagated", baseline),
+    ]
+    probe = plot_probe(runs, out_dir / "approximation_quality.png", baseline)
+    return written + ([probe] if probe is not None else [])
