@@ -1,0 +1,271 @@
+"""Tests for pipeline.compare: the arithmetic on hand-made curves, then the whole command on
+hand-made MLflow runs in a temporary sqlite store (known curves -> known times to target)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pipeline.compare import (
+    EvalPoint, RunData, accuracy_at_time, auto_target, first_reaching, group_rows,
+    latest_per_step, main,
+    resolve_target, run_row, samples_to_target, spread, time_to_target, tracking_uri,
+)
+from pipeline.compare_plots import group_labels, run_styles, runs_table
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def curve(accs, times, samples=None, first_step=100):
+    """EvalPoints every 100 steps with the given accuracies, train times and samples."""
+    samples = samples or [None] * len(accs)
+    return [EvalPoint(first_step * (i + 1), a, t, s)
+            for i, (a, t, s) in enumerate(zip(accs, times, samples))]
+
+
+# ----------------------------------------------------------------------------- pure functions
+def test_time_to_target_is_the_first_eval_at_or_above_target():
+    evals = curve([0.10, 0.30, 0.50, 0.45, 0.60], [10.0, 20.0, 30.0, 40.0, 50.0],
+                  [320, 640, 960, 1280, 1600])
+    assert time_to_target(evals, 0.50) == 30.0          # equal counts as reached
+    assert time_to_target(evals, 0.45) == 30.0          # the first crossing, not the later 0.45
+    assert time_to_target(evals, 0.55) == 50.0          # the dip at 0.45 does not count
+    assert time_to_target(evals, 0.05) == 10.0
+    assert samples_to_target(evals, 0.50) == 960
+    assert time_to_target(list(reversed(evals)), 0.45) == 30.0   # step order, not list order
+
+
+def test_target_never_reached_is_none_and_not_interpolated():
+    evals = curve([0.10, 0.30, 0.399], [10.0, 20.0, 30.0], [1, 2, 3])
+    assert first_reaching(evals, 0.40) is None
+    assert time_to_target(evals, 0.40) is None
+    assert samples_to_target(evals, 0.40) is None
+    assert time_to_target([], 0.1) is None
+    row = run_row(RunData("r1", "sift-a", "0", policy="sift", exit_layer="1", seed="0",
+                          evals=evals), 0.40)
+    assert row["reached"] is False and row["time_to_target_s"] is None
+    assert row["final_accuracy"] == pytest.approx(0.399)
+    assert "not reached" in runs_table([row])
+
+
+def test_accuracy_at_time_takes_the_last_eval_at_or_before():
+    evals = curve([0.1, 0.2, 0.3], [10.0, 20.0, 30.0])
+    assert accuracy_at_time(evals, 20.0) == 0.2         # boundary included
+    assert accuracy_at_time(evals, 29.9) == 0.2         # no interpolation towards 0.3
+    assert accuracy_at_time(evals, 9.9) is None
+
+
+def test_auto_target_is_min_over_baseline_runs_at_fraction_of_final_time():
+    run_a = curve([0.10, 0.20, 0.30, 0.40, 0.50], [10.0, 20.0, 30.0, 40.0, 50.0])  # 80%: t=40
+    run_b = curve([0.10, 0.25, 0.35, 0.45], [20.0, 40.0, 60.0, 100.0])             # 80%: t=80
+    assert auto_target([run_a], 0.8) == 0.40
+    assert auto_target([run_b], 0.8) == 0.35
+    assert auto_target([run_a, run_b], 0.8) == 0.35
+    assert auto_target([run_a, run_b], 0.5) == 0.20     # a: t=25 -> 0.20; b: t=50 -> 0.25
+    assert auto_target([run_a], 1.0) == 0.50
+    with pytest.raises(ValueError):
+        auto_target([curve([0.5], [100.0])], 0.8)       # no eval at or before t=80
+    with pytest.raises(ValueError):
+        auto_target([run_a], 0.0)
+
+
+def test_resolve_target_auto_uses_only_baseline_runs_and_states_the_rule():
+    runs = [RunData("v", "v", "0", policy="vanilla", evals=curve([0.1, 0.2], [10.0, 20.0])),
+            RunData("s", "s", "0", policy="sift", evals=curve([0.9], [1.0]))]
+    target, rule = resolve_target("auto", 0.5, runs)
+    assert target == 0.1 and "vanilla" in rule and "50%" in rule
+    assert resolve_target("0.42", 0.8, runs)[0] == 0.42
+    with pytest.raises(SystemExit):
+        resolve_target("auto", 0.8, runs[1:])
+
+
+def test_group_rows_spread_and_ratios_to_vanilla():
+    def row(policy, exit_layer, time_s, samples, acc):
+        return {"policy": policy, "exit_layer": exit_layer, "reached": time_s is not None,
+                "time_to_target_s": time_s, "samples_to_target": samples,
+                "final_accuracy": acc, "mean_step_s": 1.0, "scoring_share": None}
+    rows = [row("vanilla", "-", 40.0, 4000, 0.5), row("vanilla", "-", 60.0, 6000, 0.52),
+            row("sift", "1", 20.0, 2000, 0.6), row("sift", "1", None, None, 0.3),
+            row("sift", "2", None, None, 0.2)]
+    groups = {(g["policy"], g["exit_layer"]): g for g in group_rows(rows)}
+    sift1, sift2, van = groups[("sift", "1")], groups[("sift", "2")], groups[("vanilla", "-")]
+    assert van["time_to_target_s"]["mean"] == 50.0 and van["time_ratio"] == 1.0
+    assert (van["time_to_target_s"]["min"], van["time_to_target_s"]["max"]) == (40.0, 60.0)
+    assert sift1["reached"] == 1 and sift1["runs"] == 2
+    assert sift1["time_ratio"] == pytest.approx(20.0 / 50.0)
+    assert sift1["samples_ratio"] == pytest.approx(2000 / 5000)
+    assert sift2["time_to_target_s"] is None and sift2["time_ratio"] is None
+    no_vanilla = group_rows([row("vanilla", "-", None, None, 0.1), row("sift", "1", 5.0, 5, .9)])
+    assert all(g["time_ratio"] is None for g in no_vanilla)
+
+
+def test_plot_labels_and_styles_colour_by_group_linestyle_by_seed():
+    runs = [RunData("a", "a", "0", policy="vanilla", exit_layer="1", seed="0"),
+            RunData("b", "b", "0", policy="vanilla", exit_layer="1", seed="1"),
+            RunData("c", "c", "0", policy="sift", exit_layer="1", seed="0"),
+            RunData("d", "d", "0", policy="sift", exit_layer="2", seed="1")]
+    labels = group_labels(runs)
+    assert labels == {("vanilla", "1"): "vanilla", ("sift", "1"): "sift@1",
+                      ("sift", "2"): "sift@2"}
+    styles = run_styles(runs)
+    assert styles["a"]["color"] == styles["b"]["color"] == "black"
+    assert len({styles[k]["color"] for k in "acd"}) == 3
+    assert styles["a"]["linestyle"] == styles["c"]["linestyle"] != styles["b"]["linestyle"]
+    assert styles["b"]["linestyle"] == styles["d"]["linestyle"]
+
+
+def test_latest_per_step_keeps_the_last_logged_value_of_a_repeated_step():
+    entries = [(100, 5, 0.30), (200, 6, 0.40), (100, 9, 0.35), (100, 7, 0.31)]
+    assert latest_per_step(entries) == {100: 0.35, 200: 0.40}
+
+
+def test_spread_and_tracking_uri(monkeypatch, tmp_path):
+    s = spread([1.0, None, 3.0])
+    assert (s.mean, s.min, s.max, s.std, s.n) == (2.0, 1.0, 3.0, 1.0, 2)
+    assert spread([None]) is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking_uri("sqlite:///given.db") == "sqlite:///given.db"
+    assert tracking_uri(None) == "sqlite:///elsewhere.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+# ----------------------------------------------------------------------------- end to end
+# name: (policy, exit layer, seed, accuracies, train times, samples) at eval steps 100, 200, ...
+RUNS = {
+    "vanilla-s0": ("vanilla", "1", "0", [.10, .20, .30, .40, .50], [10, 20, 30, 40, 50],
+                   [3200, 6400, 9600, 12800, 16000]),
+    "vanilla-s1": ("vanilla", "1", "1", [.10, .22, .31, .42, .52], [12, 24, 36, 48, 60],
+                   [3200, 6400, 9600, 12800, 16000]),
+    "sift1-s0": ("sift", "1", "0", [.15, .30, .41, .50], [8, 16, 24, 32],
+                 [1600, 3200, 4800, 6400]),
+    "sift1-s1": ("sift", "1", "1", [.12, .28, .39, .45], [8, 16, 24, 32],
+                 [1600, 3200, 4800, 6400]),
+    "sift2-s0": ("sift", "2", "0", [.10, .20, .30, .35, .39], [9, 18, 27, 36, 45],
+                 [1600, 3200, 4800, 6400, 8000]),
+}
+# auto target: vanilla-s0 at 0.8*50=40 s -> .40; vanilla-s1 at 0.8*60=48 s -> .42; min = .40
+AUTO_TARGET = 0.40
+EXPECTED_TIME = {"vanilla-s0": 40, "vanilla-s1": 48, "sift1-s0": 24, "sift1-s1": 32,
+                 "sift2-s0": None}
+EXPECTED_SAMPLES = {"vanilla-s0": 12800, "vanilla-s1": 12800, "sift1-s0": 4800,
+                    "sift1-s1": 6400, "sift2-s0": None}
+
+
+def _log_run(client, exp_id, name, spec, tags):
+    from mlflow.entities import Metric, Param
+
+    policy, exit_layer, seed, accs, times, samples = spec
+    run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    t0 = int(time.time() * 1000)
+    metrics = []
+    for i, (acc, t, n) in enumerate(zip(accs, times, samples)):
+        step = 100 * (i + 1)
+        metrics += [Metric("eval/accuracy", acc, t0 + step, step),
+                    Metric("eval/train_time_s", float(t), t0 + step, step),
+                    Metric("eval/samples_backpropagated", float(n), t0 + step, step),
+                    Metric("progress/train_time_s", float(t), t0 + step, step)]
+    for step in range(1, 100 * len(accs) + 1, 50):
+        metrics.append(Metric("time/step_s", 0.2 if policy == "vanilla" else 0.25, t0, step))
+        if policy == "sift":
+            metrics += [Metric("select/scoring_share", 0.2, t0, step),
+                        Metric("probe/spearman", 0.9 + 0.0001 * step, t0, step),
+                        Metric("probe/topk_overlap", 0.7, t0, step)]
+    params = [Param("select.policy", policy), Param("select.exit_layer", exit_layer),
+              Param("select.oversample", "2"), Param("train.seed", seed)]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    client.set_terminated(run_id)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite MLflow store with the RUNS above, one untagged, plus an old comparison run."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("study", artifact_location=str(root / "artifacts"))
+    ids = {}
+    for name, spec in RUNS.items():
+        tags = {} if name == "sift2-s0" else {"sift.kind": "train", "policy": spec[0]}
+        ids[name] = _log_run(client, exp_id, name, spec, tags)
+    _log_run(client, exp_id, "old-comparison", ("sift", "1", "9", [.99], [1], [1]),
+             {"sift.kind": "comparison"})
+    return {"uri": uri, "client": client, "exp_id": exp_id, "ids": ids, "root": root}
+
+
+def _comparison_runs(client, exp_id):
+    runs = client.search_runs([exp_id], filter_string="tags.`sift.kind` = 'comparison'")
+    return [r for r in runs if r.info.run_name == "comparison"]
+
+
+def test_compare_end_to_end_auto_target(store, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--experiment", "study", "--uri", store["uri"], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["target"] == AUTO_TARGET and "80%" in report["target_rule"]
+    rows = {r["name"]: r for r in report["runs"]}
+    assert set(rows) == set(RUNS)                      # no comparison run, untagged run kept
+    for name, expected in EXPECTED_TIME.items():
+        assert rows[name]["time_to_target_s"] == expected, name
+        assert rows[name]["samples_to_target"] == EXPECTED_SAMPLES[name], name
+    assert rows["sift2-s0"]["reached"] is False
+    assert rows["sift2-s0"]["final_accuracy"] == pytest.approx(0.39)
+    assert rows["sift1-s0"]["mean_step_s"] == pytest.approx(0.25)
+    assert rows["sift1-s0"]["scoring_share"] == pytest.approx(0.2)
+    assert rows["vanilla-s0"]["scoring_share"] is None
+
+    groups = {(g["policy"], g["exit_layer"]): g for g in report["groups"]}
+    assert groups[("vanilla", "1")]["time_to_target_s"]["mean"] == 44.0
+    assert groups[("sift", "1")]["time_to_target_s"]["mean"] == 28.0
+    assert groups[("sift", "1")]["time_ratio"] == pytest.approx(28.0 / 44.0)
+    assert groups[("sift", "1")]["samples_ratio"] == pytest.approx(5600.0 / 12800.0)
+    assert groups[("sift", "2")]["time_ratio"] is None
+
+    assert "0.4000" in printed and "not reached" in printed
+    sift2_line = next(line for line in printed.splitlines() if line.startswith("| sift2-s0"))
+    assert sift2_line.count("not reached") == 2
+    assert "| 0.64 " in printed                        # sift@1 time ratio, 28/44
+    md = (out / "comparison.md").read_text()
+    assert "not reached" in md and "0.4000" in md
+
+    pngs = ["accuracy_vs_train_time.png", "accuracy_vs_samples.png", "approximation_quality.png"]
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+        assert str(out / name) in printed
+
+    client = store["client"]
+    logged = _comparison_runs(client, store["exp_id"])
+    assert len(logged) == 1
+    run = logged[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["compare.target"] == "0.400000"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "comparison")}
+    assert artifacts == {f"comparison/{n}" for n in ["comparison.md", "comparison.json", *pngs]}
+    assert str(store["root"] / "artifacts") in run.info.artifact_uri
+    assert run.info.run_id in printed
+
+
+def test_compare_given_target_run_ids_and_no_log(store, tmp_path, capsys):
+    before = len(_comparison_runs(store["client"], store["exp_id"]))
+    ids = [store["ids"][n] for n in ("vanilla-s0", "sift1-s1", "sift2-s0")]
+    out = tmp_path / "out"
+    assert main(["--runs", *ids, "--uri", store["uri"], "--target", "0.45",
+                 "--out", str(out), "--no-log"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "comparison.json").read_text())
+    rows = {r["name"]: r for r in report["runs"]}
+    assert set(rows) == {"vanilla-s0", "sift1-s1", "sift2-s0"}
+    assert rows["vanilla-s0"]["time_to_target_s"] == 50        # .50 at 50 s
+    assert rows["sift1-s1"]["time_to_target_s"] == 32          # exactly .45 counts
+    assert rows["sift2-s0"]["time_to_target_s"] is None
+    groups = {(g["policy"], g["exit_layer"]): g for g in report["groups"]}
+    assert groups[("sift", "1")]["time_ratio"] == pytest.approx(32 / 50)
+    assert len(_comparison_runs(store["client"], store["exp_id"])) == before
