@@ -238,7 +238,12 @@ def load_run(client, run) -> RunData:
 def find_runs(client, experiment: str | None, run_ids: Sequence[str] | None) -> list:
     """The training runs asked for (never `comparison` runs), oldest first."""
     if run_ids:
-        runs = [client.get_run(rid) for rid in run_ids]
+        from mlflow.exceptions import MlflowException
+
+        try:
+            runs = [client.get_run(rid) for rid in run_ids]
+        except MlflowException as err:
+            raise SystemExit(f"cannot read run: {err.message}") from err
     else:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -284,7 +289,10 @@ def resolve_target(spec: str, fraction: float, runs: Sequence[RunData],
     base = [r for r in runs if r.policy == baseline]
     if not base:
         raise SystemExit(f"--target auto needs {baseline} runs; none found (pass --target ACC)")
-    target = auto_target([r.evals for r in base], fraction)
+    try:
+        target = auto_target([r.evals for r in base], fraction)
+    except ValueError as err:
+        raise SystemExit(f"--target auto: {err} (pass --target ACC)") from err
     rule = (f"auto: min over {len(base)} {baseline} run(s) of the eval accuracy at the last eval "
             f"at or before {fraction:.0%} of the run's final eval/train_time_s")
     return target, rule

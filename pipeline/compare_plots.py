@@ -66,8 +66,8 @@ def runs_table(rows: Sequence[dict]) -> str:
 
 def groups_table(groups: Sequence[dict], baseline: str = BASELINE_POLICY) -> str:
     headers = ["policy", "exit", "reached", "time to target (s) mean [min..max]",
-               f"x {baseline} time", "samples to target mean [min..max]",
-               f"x {baseline} samples", "final acc mean [min..max]", "step (s)", "scoring share"]
+               f"time / {baseline}", "samples to target mean [min..max]",
+               f"samples / {baseline}", "final acc mean [min..max]", "step (s)", "scoring share"]
     body = [[g["policy"], g["exit_layer"], f"{g['reached']}/{g['runs']}",
              fmt_spread(g["time_to_target_s"], 1, NOT_REACHED), fmt(g["time_ratio"], 2),
              fmt_spread(g["samples_to_target"], 0, NOT_REACHED), fmt(g["samples_ratio"], 2),

@@ -78,6 +78,8 @@ def test_resolve_target_auto_uses_only_baseline_runs_and_states_the_rule():
     assert resolve_target("0.42", 0.8, runs)[0] == 0.42
     with pytest.raises(SystemExit):
         resolve_target("auto", 0.8, runs[1:])
+    with pytest.raises(SystemExit, match="--target ACC"):          # vanilla has no early eval
+        resolve_target("auto", 0.2, runs)
 
 
 def test_group_rows_spread_and_ratios_to_vanilla():
@@ -269,3 +271,5 @@ def test_compare_given_target_run_ids_and_no_log(store, tmp_path, capsys):
     groups = {(g["policy"], g["exit_layer"]): g for g in report["groups"]}
     assert groups[("sift", "1")]["time_ratio"] == pytest.approx(32 / 50)
     assert len(_comparison_runs(store["client"], store["exp_id"])) == before
+    with pytest.raises(SystemExit, match="cannot read run"):
+        main(["--runs", "0" * 32, "--uri", store["uri"], "--no-log", "--out", str(out)])
