@@ -1,4 +1,4 @@
-"""Tokenizer: train a BERT WordPiece vocab with ``tokenizers``, or load an existing one; save it so
+"""Tokenizer: learn a BERT WordPiece vocab (``wordpiece.py``, ``tokenizers`` components), or load an existing one; save it so
 ``transformers.AutoTokenizer.from_pretrained(<out>/tokenizer)`` loads it; check its vocab size.
 
 The "tiny vocab" rule (a known silent trap: ``BertTokenizerFast(vocab_file=...)`` gives 5 tokens):
@@ -64,24 +64,21 @@ def vocab_sha256(hf: Any) -> str:
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, *, lowercase: bool = True,
                     min_frequency: int = 2) -> Any:
-    """Train a BERT WordPiece vocab on ``texts``; returns a ``transformers`` fast tokenizer."""
+    """Learn a BERT WordPiece vocab on ``texts`` (deterministically, see ``wordpiece.py``);
+    returns a ``transformers`` fast tokenizer."""
     from tokenizers.implementations import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
+    from .wordpiece import count_words, learn_vocab
+
     if vocab_size < MIN_VOCAB_SIZE:
         raise DataPrepError(f"--vocab-size {vocab_size} is too small (minimum {MIN_VOCAB_SIZE})")
-    wp = BertWordPieceTokenizer(lowercase=lowercase)
-    wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                           special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    got = wp.get_vocab_size()
-    if got < vocab_size:
+    tokens = learn_vocab(count_words(texts, lowercase), vocab_size, SPECIAL_TOKENS,
+                         min_frequency=min_frequency)
+    if len(tokens) < vocab_size:
         logger.warning("trained vocab has %d tokens, fewer than the %d requested "
-                       "(the corpus has too few distinct words and merges)", got, vocab_size)
-    # The trainer numbers tokens in hash-map order (different in every process): renumber them,
-    # special tokens first, then the rest sorted, so the same corpus always gives the same ids.
-    trained = wp.get_vocab()
-    ordered = list(SPECIAL_TOKENS) + sorted(t for t in trained if t not in SPECIAL_TOKENS)
-    wp = BertWordPieceTokenizer({t: i for i, t in enumerate(ordered)}, lowercase=lowercase)
+                       "(the corpus has too few distinct words and merges)", len(tokens), vocab_size)
+    wp = BertWordPieceTokenizer({t: i for i, t in enumerate(tokens)}, lowercase=lowercase)
     return BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=lowercase,
                              **{f"{k}_token": v for k, v in SPECIAL_NAMES.items()})
 
