@@ -1,9 +1,10 @@
 """Packing: documents -> sequences of exactly ``seq_len`` token ids.
 
 Within one source file and one split, documents form a stream ``d1 [SEP] d2 [SEP] d3 ...``; the
-stream is cut into bodies of ``seq_len - 2`` tokens and each becomes ``[CLS] body [SEP]``. A long
-document spans several sequences and nothing is truncated; only the stream's final partial body is
-dropped, and counted (``remainder_tokens``). Packing per source file (not across files) makes a
+stream is cut into bodies of ``seq_len - 2`` tokens and each becomes ``[CLS] body [SEP]``. A body
+never starts with a [SEP]: such a separator is dropped, the previous row's closing [SEP] stands for
+it. A long document spans several sequences and nothing is truncated; only the stream's final
+partial body is dropped, and counted (``remainder_tokens``). Packing per source file (not across files) makes a
 ``--part I --parts N`` run hold exactly the samples that a single run would.
 """
 
@@ -59,12 +60,20 @@ class Packer:
         pieces.append(stream.astype(self.dtype, copy=False))
         buf = np.concatenate(pieces)
         self._started = True
-        n = buf.size // self.body
-        rows = np.empty((n, self.seq_len), dtype=self.dtype)
+        bodies, pos, body = [], 0, self.body
+        while True:
+            if pos < buf.size and buf[pos] == self.sep_id:
+                pos += 1  # a body never starts with the separator: the previous row's [SEP] is it
+            if buf.size - pos < body:
+                break
+            bodies.append(pos)
+            pos += body
+        rows = np.empty((len(bodies), self.seq_len), dtype=self.dtype)
         rows[:, 0] = self.cls_id
-        rows[:, 1:-1] = buf[: n * self.body].reshape(n, self.body)
         rows[:, -1] = self.sep_id
-        self._pending = buf[n * self.body:].copy()
+        for r, start in enumerate(bodies):
+            rows[r, 1:-1] = buf[start:start + body]
+        self._pending = buf[pos:].copy()
         return rows
 
     def finish(self) -> int:

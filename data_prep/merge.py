@@ -1,0 +1,87 @@
+"""``merge``: one ``manifest.json`` over the part manifests that ``--part I --parts N`` builds wrote
+into one directory. Checks that every part finished, that they share tokenizer, seq_len and flags,
+and that their shard files are present with the recorded sizes (``inspect --verify`` checks sha256).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+from .errors import DataPrepError
+from .manifest import MANIFEST, split_totals, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+_PART_RE = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
+_SAME = ("format_version", "seq_len", "vocab_size", "dtype")
+_FLAGS_FREE = ("part", "workers")
+
+
+def merge_parts(out_dir: str) -> dict:
+    """Write ``<out_dir>/manifest.json`` over all parts; returns it."""
+    if not os.path.isdir(out_dir):
+        raise DataPrepError(f"{out_dir}: no such directory")
+    names = sorted(os.listdir(out_dir))
+    found = {(int(m[1]), int(m[2])): n for n in names if (m := _PART_RE.match(n))}
+    if not found:
+        raise DataPrepError(f"{out_dir}: no part manifests (manifest.part-*-of-*.json)")
+    counts = {n for _, n in found}
+    if len(counts) > 1:
+        raise DataPrepError(f"{out_dir}: part manifests of different --parts counts {sorted(counts)}")
+    parts = counts.pop()
+    running = [n for n in names if n.startswith(".incomplete.part-")]
+    missing = [i for i in range(parts) if (i, parts) not in found]
+    if missing or running:
+        raise DataPrepError(f"{out_dir}: parts not finished: missing {missing}"
+                            + (f", still running or crashed: {running}" if running else ""))
+    mans = []
+    for i in range(parts):
+        with open(os.path.join(out_dir, found[i, parts]), encoding="utf-8") as f:
+            mans.append(json.load(f))
+    first = mans[0]
+    for i, m in enumerate(mans[1:], start=1):
+        for k in _SAME:
+            if m[k] != first[k]:
+                raise DataPrepError(f"part {i}: {k} {m[k]!r} differs from part 0's {first[k]!r}")
+        if m["tokenizer"]["vocab_sha256"] != first["tokenizer"]["vocab_sha256"]:
+            raise DataPrepError(f"part {i} used another tokenizer than part 0")
+        fa = {k: v for k, v in m["tool"]["flags"].items() if k not in _FLAGS_FREE}
+        fb = {k: v for k, v in first["tool"]["flags"].items() if k not in _FLAGS_FREE}
+        if fa != fb:
+            diff = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+            raise DataPrepError(f"part {i} was built with other flags than part 0: {diff}")
+    n_sources = sum(len(m["sources"]) for m in mans)
+    if n_sources != first["parts"]["sources_total"]:
+        raise DataPrepError(f"parts hold {n_sources} sources, expected "
+                            f"{first['parts']['sources_total']}: were the inputs the same?")
+    shards = ([s for m in mans for s in m["shards"] if s["split"] == "train"]
+              + [s for m in mans for s in m["shards"] if s["split"] == "val"])
+    for s in shards:
+        path = os.path.join(out_dir, s["name"])
+        if not os.path.isfile(path) or os.path.getsize(path) != s["bytes"]:
+            raise DataPrepError(f"{path}: missing or not {s['bytes']} bytes as its part recorded")
+    if len({s["name"] for s in shards}) != len(shards):
+        raise DataPrepError(f"{out_dir}: two parts list the same shard name")
+    sources = sorted((s for m in mans for s in m["sources"]), key=lambda s: s["path"])
+    docs = {k: sum(m["documents"][k] for m in mans) for k in ("in", "kept", "skipped")}
+    reasons: dict[str, int] = {}
+    for m in mans:
+        for r, n in m["documents"]["skipped_by_reason"].items():
+            reasons[r] = reasons.get(r, 0) + n
+    if docs["kept"] == 0:
+        raise DataPrepError(f"{out_dir}: empty corpus: no part kept any document")
+    flags = {k: v for k, v in first["tool"]["flags"].items() if k != "part"}
+    merged = {**first,
+              "shards": shards, "splits": split_totals(shards),
+              "documents": {**docs, "skipped_by_reason": dict(sorted(reasons.items()))},
+              "content_tokens": sum(m["content_tokens"] for m in mans),
+              "remainder_tokens": sum(m["remainder_tokens"] for m in mans),
+              "sources": sources,
+              "parts": {"parts": parts, "manifests": [found[i, parts] for i in range(parts)]},
+              "tool": {**first["tool"], "flags": flags}}
+    write_json_atomic(os.path.join(out_dir, MANIFEST), merged)
+    logger.info("merged %d parts into %s", parts, os.path.join(out_dir, MANIFEST))
+    return merged
