@@ -81,5 +81,5 @@ def load_latest(engine: Any, ckpt_dir: Path, info: DistInfo) -> tuple[dict[str, 
     if path is None:
         raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     rank_state = torch.load(ckpt_dir / tag / f"rank{info.rank:05d}_state.pt", weights_only=True)
-    log.info("resumed from %s (step %d)", ckpt_dir / tag, client_state["step"])
+    log.info("resumed from %s (step %d)", ckpt_dir / tag, marker["step"])
     return client_state, rank_state

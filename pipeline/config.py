@@ -233,8 +233,9 @@ def validate(cfg: Config) -> None:
     _check(s.exit_layer >= 0, "select.exit_layer", f"must be >= 0, got {s.exit_layer}")
     _check(s.sb_beta > 0, "select.sb_beta", "must be > 0")
     _check(s.sb_history >= 1, "select.sb_history", "must be >= 1")
-    _check(0.0 <= s.active_from <= s.active_to <= 1.0, "select.active_from",
-           "need 0 <= active_from <= active_to <= 1")
+    _check(0.0 <= s.active_from <= 1.0, "select.active_from", f"must be in [0, 1], got {s.active_from}")
+    _check(s.active_from <= s.active_to <= 1.0, "select.active_to",
+           f"must be in [active_from, 1] = [{s.active_from}, 1], got {s.active_to}")
     _check(s.every >= 1, "select.every", "must be >= 1")
     _check(s.probe_every >= 0, "select.probe_every", "must be >= 0")
 

@@ -188,8 +188,10 @@ def train_loader(manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, 
                  ) -> tuple[torch.utils.data.DataLoader, CandidateBatches]:
     dataset = CandidateBatches(manifest, spec, batch=batch, epoch=epoch, seed=seed, rank=rank, world=world,
                                start=start, shuffle_buffer=shuffle_buffer, strict=strict)
+    # Its own generator: creating a DataLoader iterator draws a base seed, and drawing it from the
+    # global RNG would shift the dropout masks of a resumed run.
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                         persistent_workers=False)
+                                         generator=torch.Generator().manual_seed(seed * 1009 + epoch))
     return loader, dataset
 
 

@@ -61,6 +61,7 @@ def train(cfg: Config, info: DistInfo) -> dict[str, float]:
             if not check_finite(out.loss, info, progress, t.max_nonfinite_in_a_row):
                 continue  # every rank skips this micro-step together; counted in progress
             engine.backward(out.loss)
+            plain_norm = _plain_grad_norm(engine)  # DeepSpeed reports no norm at ZeRO-0 fp32
             engine.step()
             progress.samples_backprop += m * world
             run.record_keys(progress.step, batch["keys"], kept["keys"])
@@ -74,7 +75,7 @@ def train(cfg: Config, info: DistInfo) -> dict[str, float]:
         progress.wall_clock_s = time.perf_counter() - started
         bar.update(1)
         window.append({"train/loss": sum(losses) / len(losses), "train/lr": lr,
-                       "train/grad_norm": _grad_norm(engine), "time/step_s": step_s, "time/scoring_s": scoring_s,
+                       "train/grad_norm": _grad_norm(engine, plain_norm), "time/step_s": step_s, "time/scoring_s": scoring_s,
                        "select/scoring_share": scoring_s / step_s, "select/kept_loss": _mean(kept_loss),
                        "select/dropped_loss": _mean(dropped_loss), "select/kept_unigram_ce": _mean(kept_ce),
                        "select/pool_unigram_ce": _mean(pool_ce), **probe})
@@ -130,8 +131,18 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _grad_norm(engine) -> float:
+def _plain_grad_norm(engine) -> float | None:
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    if not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+
+
+def _grad_norm(engine, plain_norm: float | None) -> float:
     norm = engine.get_global_grad_norm()
+    norm = plain_norm if norm is None else norm
     return float(norm) if norm is not None else math.nan
 
 
