@@ -1,0 +1,332 @@
+"""The MLflow tracking layer: read back through MlflowClient, secrets, outage, sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import tracking_journal
+from pipeline.tracking import NullTracker, main, resolve_uri, start_tracker
+from pipeline.tracking_scrub import REDACTED, is_secret_key
+from pipeline.tracking_sync import sync_run
+
+MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
+
+
+def tracking_cfg(uri: str = "", **overrides) -> SimpleNamespace:
+    fields = dict(enabled=True, uri=uri, experiment="sift-test", artifact_location="",
+                  retry_seconds=0.5)
+    return SimpleNamespace(**{**fields, **overrides})
+
+
+def sqlite_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def steps_in_run(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+# -- NullTracker and start_tracker's choice --------------------------------------------------------
+
+def test_null_tracker_does_nothing(tmp_path):
+    tracker = NullTracker()
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    tracker.set_tags({"policy": "sift"})
+    tracker.log_artifact(str(tmp_path / "missing.txt"))
+    tracker.log_dict({"a": 1}, "a.json")
+    tracker.close()
+    assert tracker.run_id is None and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rank,enabled", [(1, True), (3, True), (0, False)])
+def test_other_ranks_and_disabled_tracking_get_null_tracker(tmp_path, rank, enabled):
+    cfg = tracking_cfg(sqlite_uri(tmp_path), enabled=enabled)
+    tracker = start_tracker(cfg, str(tmp_path / "run"), rank=rank, run_name="r")
+    assert isinstance(tracker, NullTracker)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run").exists()
+
+
+def test_uri_defaults_to_env_then_sqlite_in_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_uri("") == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_uri("") == "http://127.0.0.1:5000"
+    assert resolve_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+# -- the sqlite store, read back ---------------------------------------------------------------------
+
+def test_sqlite_default_store_holds_params_metrics_tags_artifacts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    tracker = start_tracker(tracking_cfg(), str(run_dir), rank=0, run_name="tiny-vanilla")
+    tracker.log_params({"select": {"policy": "sift", "exit_layer": 1}, "train.seed": 7,
+                        "data.shards": "x" * 900})
+    tracker.set_tags({"policy": "sift", "sift.kind": "train"})
+    for step in range(1, 4):
+        tracker.log_metrics({"train/loss": 10.0 / step, "train/lr": 1e-3}, step=step)
+    (run_dir / "manifest.json").write_text('{"seq_len": 128}')
+    tracker.log_artifact(str(run_dir / "manifest.json"))
+    tracker.log_dict({"train": {"lr": 1e-3}}, "config.json")
+    tracker.close()
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-vanilla"
+    params = run.data.params
+    assert params["select.policy"] == "sift" and params["select.exit_layer"] == "1"
+    assert params["train.seed"] == "7"
+    assert len(params["data.shards"]) == 500 and params["data.shards"].endswith("...")
+    assert run.data.tags["policy"] == "sift" and run.data.tags["sift.kind"] == "train"
+    assert steps_in_run(client, tracker.run_id, "train/loss") == [1, 2, 3]
+    assert run.data.metrics["train/loss"] == pytest.approx(10.0 / 3)
+    names = {f.path for f in client.list_artifacts(tracker.run_id)}
+    assert names == {"manifest.json", "config.json"}
+    exp = client.get_experiment_by_name("sift-test")
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    local = Path(client.download_artifacts(tracker.run_id, "config.json", str(tmp_path)))
+    assert json.loads(local.read_text()) == {"train": {"lr": 1e-3}}
+    # the journal has every metric, and the run is findable from the run directory
+    records = tracking_journal.read_metrics(run_dir)
+    assert len(records) == 6 and set(records[0]) == {"step", "key", "value", "timestamp"}
+    info = tracking_journal.read_run_info(run_dir)
+    assert info["run_id"] == tracker.run_id and info["status"] == "FINISHED"
+    assert info["unsent_at_close"] == 0
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    cfg, run_dir = tracking_cfg(sqlite_uri(tmp_path)), str(tmp_path / "run")
+    first = start_tracker(cfg, run_dir, rank=0, run_name="r")
+    for step in range(3):
+        first.log_metrics({"train/loss": 1.0}, step)
+    first.close(status="KILLED")
+    assert tracking_journal.saved_run_id(run_dir) == first.run_id
+
+    second = start_tracker(cfg, run_dir, rank=0, run_name="r", resume_run_id=first.run_id)
+    client = MlflowClient(cfg.uri)
+    assert second.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    for step in range(3, 5):
+        second.log_metrics({"train/loss": 0.5}, step)
+    second.close()
+    assert steps_in_run(client, first.run_id, "train/loss") == [0, 1, 2, 3, 4]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("sift-test").experiment_id])) == 1
+
+
+def test_resuming_an_unknown_run_fails_at_start(tmp_path):
+    with pytest.raises(Exception, match="(?i)run"):
+        start_tracker(tracking_cfg(sqlite_uri(tmp_path)), str(tmp_path / "run"), rank=0,
+                      run_name="r", resume_run_id="0" * 32)
+
+
+def test_journal_survives_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "key": "a", "value": 1.0, "timestamp": 1}\n'
+                                            '{"step": 1, "key": "a", "val')
+    journal = tracking_journal.Journal(tmp_path)
+    journal.append_metrics([{"step": 2, "key": "a", "value": 3.0, "timestamp": 3}])
+    journal.close()
+    assert [r["step"] for r in tracking_journal.read_metrics(tmp_path)] == [0, 2]
+
+
+# -- secrets -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,secret", [
+    ("HF_TOKEN", True), ("github_token", True), ("db.password", True), ("PGPASSWORD", True),
+    ("OPENAI_APIKEY", True), ("wandb.api_key", True), ("AWS_SECRET_ACCESS_KEY", True),
+    ("client_secret", True), ("GOOGLE_APPLICATION_CREDENTIALS", True), ("oauth", True),
+    ("MLFLOW_TRACKING_AUTH", True), ("passwd", True),
+    ("data.tokenizer", False), ("train.tokens_per_s", False), ("TOKENIZERS_PARALLELISM", False),
+    ("author", False), ("select.policy", False), ("model.preset", False),
+])
+def test_secret_key_pattern(key, secret):
+    assert is_secret_key(key) is secret
+
+
+def test_no_environment_secret_reaches_mlflow(tmp_path, monkeypatch):
+    token, password = "hf_Zq8sEcReTvAlUe42", "pg-pass-7731"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("PGPASSWORD", password)
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")  # a flag, not a secret
+    run_dir = tmp_path / "run"
+    tracker = start_tracker(tracking_cfg(sqlite_uri(tmp_path)), str(run_dir), rank=0,
+                            run_name="r")
+    tracker.log_params({"hub.token": "anything", "db": {"password": "x"}, "db.url":
+                        f"postgresql://u:{password}@h/db", "data.tokenizer": "tok/dir",
+                        "train.tokens_per_step": 4096, "note": token, "steps": 1000})
+    tracker.set_tags({"auth_header": "Bearer zzz", "cmd": f"train --token {token}"})
+    tracker.log_dict({"env": {"HF_TOKEN": token}, "args": [f"--pw={password}"]}, "env.json")
+    leaky = run_dir / "launch.sh"
+    leaky.write_text(f"export HF_TOKEN={token}\npython -m pipeline.train\n")
+    tracker.log_artifact(str(leaky))
+    tracker.close()
+
+    client = MlflowClient(sqlite_uri(tmp_path))
+    run = client.get_run(tracker.run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["hub.token"] == REDACTED and params["db.password"] == REDACTED
+    assert params["db.url"] == f"postgresql://u:{REDACTED}@h/db" and params["note"] == REDACTED
+    assert params["data.tokenizer"] == "tok/dir" and params["train.tokens_per_step"] == "4096"
+    assert params["steps"] == "1000"  # "1" of the flag variable is not treated as a secret
+    assert tags["auth_header"] == REDACTED and tags["cmd"] == f"train --token {REDACTED}"
+    out = tmp_path / "downloaded"
+    client.download_artifacts(tracker.run_id, "", str(out))
+    sent = [p.read_text() for p in out.rglob("*") if p.is_file()]
+    assert len(sent) == 2 and any("python -m pipeline.train" in text for text in sent)
+    local = [p.read_text() for p in run_dir.rglob("*") if p.is_file() and p != leaky]
+    for text in sent + local + [json.dumps(params), json.dumps(tags)]:
+        assert token not in text and password not in text
+
+
+# -- outage and sync ---------------------------------------------------------------------------------
+
+def test_sync_sends_what_a_down_server_never_got(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there, from start to close
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    tracker = start_tracker(tracking_cfg(down), str(run_dir), rank=0, run_name="offline")
+    assert tracker.run_id is None and time.monotonic() - started < 5
+    tracker.log_params({"train.seed": 3})
+    tracker.set_tags({"policy": "sift"})
+    for step in range(20):
+        t0 = time.monotonic()
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step)
+        assert time.monotonic() - t0 < 1.0
+    tracker.log_dict({"a": 1}, "config.json")
+    t0 = time.monotonic()
+    tracker.close()
+    assert time.monotonic() - t0 < 5
+    info = tracking_journal.read_run_info(run_dir)
+    assert info["run_id"] is None and info["unsent_at_close"] > 0
+
+    # the server's store is reachable again (here: directly as sqlite)
+    store = sqlite_uri(tmp_path)
+    report = sync_run(str(run_dir), uri=store)
+    assert report["metrics"] == 40 and report["params"] == 1 and report["artifacts"] == 1
+    client = MlflowClient(store)
+    run = client.get_run(report["run_id"])
+    assert run.info.run_name == "offline" and run.info.status == "FINISHED"
+    assert run.data.params == {"train.seed": "3"} and run.data.tags["policy"] == "sift"
+    assert steps_in_run(client, run.info.run_id, "train/lr") == list(range(20))
+    assert tracking_journal.saved_run_id(run_dir) == run.info.run_id
+    again = sync_run(str(run_dir), uri=store)
+    assert (again["metrics"], again["params"], again["tags"], again["artifacts"]) == (0, 0, 0, 0)
+    assert steps_in_run(client, run.info.run_id, "train/loss") == list(range(20))
+
+
+def test_sync_cli_fills_only_missing_steps(tmp_path, capsys):
+    cfg, run_dir = tracking_cfg(sqlite_uri(tmp_path)), tmp_path / "run"
+    tracker = start_tracker(cfg, str(run_dir), rank=0, run_name="r")
+    for step in range(5):
+        tracker.log_metrics({"eval/loss": 2.0}, step)
+    tracker.close()
+    # records that reached the journal but not MLflow (e.g. the buffer overflowed)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        for step in range(5, 8):
+            f.write(json.dumps({"step": step, "key": "eval/loss", "value": 1.5,
+                                "timestamp": 1000 + step}) + "\n")
+    assert main(["sync", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == 3
+    assert main(["sync", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == 0
+    history = MlflowClient(cfg.uri).get_metric_history(tracker.run_id, "eval/loss")
+    assert sorted(m.step for m in history) == list(range(8))
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 over a sqlite store, started in its own process group."""
+
+    def __init__(self, store: Path, port: int, workdir: Path) -> None:
+        self.store, self.port, self.workdir = store, port, workdir
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.store}",
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        log = open(self.workdir / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.workdir / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not answer /health")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its workers
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.mark.slow
+def test_server_outage_mid_run_loses_no_metric(tmp_path):
+    port = free_port()
+    server = MlflowServer(tmp_path / "server.db", port, tmp_path)
+    server.start()
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        tracker = start_tracker(tracking_cfg(uri, retry_seconds=0.5), str(tmp_path / "run"),
+                                rank=0, run_name="outage")
+        tracker.log_params({"train.seed": 1})
+        slowest = 0.0
+
+        def log_steps(steps: range) -> None:
+            nonlocal slowest
+            for step in steps:
+                t0 = time.monotonic()
+                tracker.log_metrics({"train/loss": 1.0 / (step + 1), "progress/step": step}, step)
+                slowest = max(slowest, time.monotonic() - t0)
+                time.sleep(0.02)
+
+        log_steps(range(0, 10))
+        assert tracker.flush(timeout=30)
+        server.stop()
+        log_steps(range(10, 40))  # the server is down: training goes on
+        time.sleep(1.5)  # let the sender hit the outage a few times
+        assert tracker.sender.unsent() > 0
+        server.start()
+        log_steps(range(40, 50))
+        tracker.close()
+        assert slowest < 1.0
+
+        client = MlflowClient(uri)
+        run = client.get_run(tracker.run_id)
+        assert run.info.status == "FINISHED" and run.data.params == {"train.seed": "1"}
+        for key in ("train/loss", "progress/step"):
+            assert steps_in_run(client, tracker.run_id, key) == list(range(50))
+        assert tracking_journal.read_run_info(tmp_path / "run")["unsent_at_close"] == 0
+    finally:
+        server.stop()
