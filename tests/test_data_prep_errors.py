@@ -1,0 +1,191 @@
+"""Every bad input gives a clear error naming the file and line (or the flag), raised before any
+output is left behind; with skip_bad the same inputs are skipped and counted."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.build import build_shards
+from data_prep.errors import BadInputError, DataPrepError
+from data_prep.tokenizer import load_tokenizer
+
+GOOD = [f"word{i % 7} text{i % 5} more{i % 3} lines of plain words here" for i in range(60)]
+
+
+def write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def good_lines(n: int = 60) -> bytes:
+    return ("\n".join(GOOD[:n]) + "\n").encode()
+
+
+def good_jsonl(n: int = 60) -> list[bytes]:
+    return [json.dumps({"text": t}).encode() for t in GOOD[:n]]
+
+
+def jsonl_with(line5: bytes) -> bytes:
+    lines = good_jsonl()
+    lines[4] = line5
+    return b"\n".join(lines) + b"\n"
+
+
+def truncated_gzip() -> bytes:
+    blob = gzip.compress(("\n".join(GOOD * 200) + "\n").encode())
+    return blob[: len(blob) // 2]
+
+
+# (name, file name, content, expected message pattern, skip reason or None for a file error)
+CASES = [
+    ("invalid JSON", "a.jsonl", jsonl_with(b'{"text": "unterminated'), r"a\.jsonl:5: invalid JSON", "invalid_json"),
+    ("missing field", "a.jsonl", jsonl_with(b'{"body": "x"}'), r"a\.jsonl:5: no field 'text'", "missing_field"),
+    ("not a string", "a.jsonl", jsonl_with(b'{"text": null}'), r"a\.jsonl:5: field 'text' is NoneType", "not_a_string"),
+    ("not an object", "a.jsonl", jsonl_with(b'["text"]'), r"a\.jsonl:5: a JSON list", "not_an_object"),
+    ("undecodable jsonl", "a.jsonl", jsonl_with(b'{"text": "caf\xe9"}'), r"a\.jsonl:5: bytes are not valid UTF-8", "undecodable"),
+    ("undecodable text", "a.txt", good_lines(4) + b"bad \xff\xfe bytes\n" + good_lines(), r"a\.txt:5: bytes are not valid UTF-8", "undecodable"),
+    ("undecodable csv", "a.csv", b"id,text\n1,ok\n2,\"two\nlines\"\n3,caf\xe9\n" + b"".join(b"9,%s\n" % t.encode() for t in GOOD), r"a\.csv:5: bytes are not valid UTF-8", "undecodable"),
+    ("csv short row", "a.csv", b"id,text\n1,ok\n2,fine\n3,good\n4\n" + b"".join(b"9,%s\n" % t.encode() for t in GOOD), r"a\.csv:5: row has no column 'text'", "missing_field"),
+    ("not gzip", "a.txt.gz", b"this is not gzip data", r"a\.txt\.gz: cannot read", None),
+    ("truncated gzip", "a.txt.gz", truncated_gzip(), r"a\.txt\.gz:\d+: read error", None),
+    ("csv without the column", "a.csv", b"id,body\n1,hello\n", r"a\.csv:1: no column 'text'", None),
+    ("not parquet", "a.parquet", b"PAR1 garbage", r"a\.parquet: cannot read as Parquet", None),
+]
+
+
+@pytest.mark.parametrize("name,fname,data,pattern,reason", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_names_file_and_line(tmp_path, name, fname, data, pattern, reason):
+    src = write(tmp_path / fname, data)
+    out = tmp_path / "out"
+    with pytest.raises(BadInputError, match=pattern):
+        build_shards([src], str(out), seq_len=16, vocab_size=60)
+    assert not out.exists()  # nothing half-written is left behind
+
+
+@pytest.mark.parametrize("name,fname,data,pattern,reason", CASES, ids=[c[0] for c in CASES])
+def test_skip_bad_skips_and_counts(tmp_path, name, fname, data, pattern, reason):
+    src = write(tmp_path / fname, data)
+    ok = write(tmp_path / "ok.txt", good_lines())
+    m = build_shards([src, ok], str(tmp_path / "out"), seq_len=16, vocab_size=60, skip_bad=True)
+    s = next(s for s in m["sources"] if s["path"] == src)
+    d = s["documents"]
+    assert d["in"] == d["kept"] + d["skipped"]
+    if reason is None:  # the file (or its rest) could not be read: recorded, not hidden
+        assert s["error"] and Path(src).name in s["error"]
+    else:
+        assert d["skipped_by_reason"] == {reason: 1} and s["error"] is None
+    assert m["documents"]["skipped"] == d["skipped"]
+
+
+def test_unreadable_file(tmp_path):
+    src = tmp_path / "locked.txt"
+    src.write_text("hello world\n")
+    os.chmod(src, 0)
+    if os.access(src, os.R_OK):
+        pytest.skip("running as root: permissions do not stop reading")
+    with pytest.raises(BadInputError, match=r"locked\.txt: cannot read"):
+        build_shards([str(src)], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"seq_len": 4}, r"--seq-len 4 is too small"),
+    ({"seq_len": 16, "vocab_size": 8}, r"--vocab-size 8 is too small"),
+    ({"seq_len": 16, "vocab_size": 60, "tokenizer_dir": "x"}, r"exactly one of --vocab-size"),
+    ({"seq_len": 16}, r"exactly one of --vocab-size"),
+    ({"seq_len": 16, "vocab_size": 60, "val_fraction": 1.0}, r"--val-fraction"),
+    ({"seq_len": 16, "vocab_size": 60, "workers": 0}, r"--workers"),
+    ({"seq_len": 16, "vocab_size": 60, "part": 2, "parts": 2}, r"--part 2 --parts 2"),
+    ({"seq_len": 16, "vocab_size": 60, "parts": 2}, r"shared tokenizer"),
+    ({"seq_len": 16, "vocab_size": 60, "doc_separator": "para"}, r"--doc-separator"),
+    ({"seq_len": 16, "vocab_size": 60, "samples_per_shard": 0}, r"--samples-per-shard"),
+    ({"seq_len": 16, "vocab_size": 60, "max_shard_bytes": 1000}, r"--max-shard-bytes 1000"),
+])
+def test_bad_flags(tmp_path, kwargs, pattern):
+    src = write(tmp_path / "a.txt", good_lines())
+    with pytest.raises(DataPrepError, match=pattern):
+        build_shards([src], str(tmp_path / "out"), **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_corpus(tmp_path):
+    src = write(tmp_path / "empty.txt", b"\n   \n\n")
+    with pytest.raises(DataPrepError, match=r"empty corpus.*empty\.txt"):
+        build_shards([src], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+    src = write(tmp_path / "blank.jsonl", b'{"text": ""}\n{"text": "  "}\n')
+    with pytest.raises(DataPrepError, match=r"empty corpus.*blank\.jsonl"):
+        build_shards([src], str(tmp_path / "out"), seq_len=16, tokenizer_dir=_tokenizer(tmp_path))
+
+
+def test_corpus_too_small_for_seq_len(tmp_path):
+    src = write(tmp_path / "short.txt", b"one tiny document\n")
+    with pytest.raises(DataPrepError, match=r"too small.*--seq-len 512"):
+        build_shards([src], str(tmp_path / "out"), seq_len=512, tokenizer_dir=_tokenizer(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_inputs(tmp_path):
+    with pytest.raises(BadInputError, match=r"nope\.txt: no such file"):
+        build_shards([str(tmp_path / "nope.txt")], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+    with pytest.raises(DataPrepError, match=r"no files match"):
+        build_shards([str(tmp_path / "*.jsonl")], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+    src = write(tmp_path / "a.docx", b"x")
+    with pytest.raises(DataPrepError, match=r"a\.docx: cannot tell the format"):
+        build_shards([src], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+
+
+def test_output_dir_not_empty(tmp_path):
+    src = write(tmp_path / "a.txt", good_lines())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.md").write_text("someone else's file")
+    with pytest.raises(DataPrepError, match=r"out is not empty \(notes\.md\)"):
+        build_shards([src], str(out), seq_len=16, vocab_size=60)
+    assert os.listdir(out) == ["notes.md"]
+
+
+def _tokenizer(tmp_path: Path) -> str:
+    d = tmp_path / "tok"
+    if not d.exists():
+        from data_prep.tokenizer import check_tokenizer, save_tokenizer, train_wordpiece
+
+        save_tokenizer(check_tokenizer(train_wordpiece(GOOD, 60), "trained"), str(d))
+    return str(d)
+
+
+def test_tiny_vocab_tokenizer_is_refused(tmp_path):
+    from transformers import BertTokenizerFast
+
+    good = _tokenizer(tmp_path)
+    assert load_tokenizer(good).vocab_size >= 32
+    trap = BertTokenizerFast(vocab_file=os.path.join(good, "vocab.txt"))  # the STACK_NOTES trap
+    bad = tmp_path / "trap"
+    trap.save_pretrained(str(bad))
+    with pytest.raises(DataPrepError, match=r"only \d+ tokens"):
+        load_tokenizer(str(bad))
+    # a vocab.txt that disagrees with the tokenizer it sits beside
+    mixed = tmp_path / "mixed"
+    shutil.copytree(good, mixed)
+    (mixed / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(40)) + "\n")
+    with pytest.raises(DataPrepError, match=r"tokens but its vocab\.txt has 40"):
+        build_shards([write(tmp_path / "a.txt", good_lines())], str(tmp_path / "out"),
+                     seq_len=16, tokenizer_dir=str(mixed))
+    with pytest.raises(DataPrepError, match=r"--tokenizer .*nowhere: no such directory"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path):
+    src = write(tmp_path / "a.jsonl", jsonl_with(b"{oops"))
+    res = subprocess.run([sys.executable, "-m", "data_prep", "-q", "build", "--input", src,
+                          "--out", str(tmp_path / "out"), "--seq-len", "16", "--vocab-size", "60"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 2
+    assert "a.jsonl:5: invalid JSON" in res.stderr and "--skip-bad" in res.stderr
+    assert "Traceback" not in res.stderr
