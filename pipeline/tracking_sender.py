@@ -123,6 +123,7 @@ class Sender:
         self._next_try = 0.0
         self._down_since: float | None = None
         self._busy = self._closing = self._quit = False
+        self._in_flight = 0  # records taken from the buffers and not yet confirmed
         self._thread = threading.Thread(target=self._loop, name="mlflow-sender", daemon=True)
 
     # -- called from the training thread -------------------------------------------------------
@@ -155,7 +156,7 @@ class Sender:
 
     def unsent(self) -> int:
         with self._cond:
-            return sum(len(buffer) for buffer in self._pending.values())
+            return sum(len(buffer) for buffer in self._pending.values()) + self._in_flight
 
     def flush(self, timeout: float) -> bool:
         """Send now and wait until the buffers are empty; False if `timeout` passed first."""
@@ -180,7 +181,7 @@ class Sender:
             self._thread.join(timeout)
         with self._cond:
             self._quit = True  # a thread stuck in a call stops after it
-            return not self._has_work()
+            return not self._has_work() and not self._in_flight
 
     # -- the sender thread -----------------------------------------------------------------------
     def _has_work(self) -> bool:
@@ -259,12 +260,15 @@ class Sender:
         with self._cond:
             buffer, n = self._pending[kind], _BATCH[kind]
             if isinstance(buffer, dict):
-                keys = list(buffer)[:n]
-                return [(key, buffer.pop(key)) for key in keys]
-            return [buffer.popleft() for _ in range(min(n, len(buffer)))]
+                items = [(key, buffer.pop(key)) for key in list(buffer)[:n]]
+            else:
+                items = [buffer.popleft() for _ in range(min(n, len(buffer)))]
+            self._in_flight = len(items)
+            return items
 
     def _give_back(self, kind: str, items: list[Any]) -> None:
         with self._cond:
+            self._in_flight = 0
             buffer = self._pending[kind]
             if isinstance(buffer, dict):
                 for key, value in items:
@@ -276,7 +280,11 @@ class Sender:
 
     def _drain(self, kind: str) -> None:
         while items := self._take(kind):
-            self._send_chunk(kind, items)
+            try:
+                self._send_chunk(kind, items)
+            finally:
+                with self._cond:
+                    self._in_flight = 0
 
     def _send_chunk(self, kind: str, items: list[Any]) -> None:
         """Send one chunk; on a permanent refusal send its items one by one to drop only the bad."""
