@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline import tracking_journal
-from pipeline.tracking import NullTracker, main, resolve_uri, start_tracker
+from pipeline.tracking import MlflowTracker, NullTracker, main, resolve_uri, start_tracker
 from pipeline.tracking_scrub import REDACTED, is_secret_key
+from pipeline.tracking_sender import RunTarget
 from pipeline.tracking_sync import sync_run
 
 MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
@@ -138,9 +140,57 @@ def test_resume_continues_the_same_run(tmp_path):
 
 
 def test_resuming_an_unknown_run_fails_at_start(tmp_path):
-    with pytest.raises(Exception, match="(?i)run"):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="0{32} not found"):
         start_tracker(tracking_cfg(sqlite_uri(tmp_path)), str(tmp_path / "run"), rank=0,
                       run_name="r", resume_run_id="0" * 32)
+
+
+def test_a_param_mlflow_refuses_drops_only_itself(tmp_path):
+    cfg = tracking_cfg(sqlite_uri(tmp_path))
+    tracker = start_tracker(cfg, str(tmp_path / "run"), rank=0, run_name="r")
+    tracker.log_params({"train.max_steps": 10})
+    assert tracker.flush(timeout=10)
+    tracker.log_params({"train.max_steps": 20, "train.lr": 0.1})  # a param may not change
+    tracker.close()
+    params = MlflowClient(cfg.uri).get_run(tracker.run_id).data.params
+    assert params == {"train.max_steps": "10", "train.lr": "0.1"}
+    assert tracking_journal.read_run_info(tmp_path / "run")["refused"] == 1
+
+
+class StuckClient:
+    """An MLflow client whose log_batch hangs (a server that accepts and never answers)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def update_run(self, run_id, status=None) -> None:
+        pass
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()) -> None:
+        self.release.wait(timeout=30)
+
+    def set_terminated(self, run_id, status=None) -> None:
+        pass
+
+
+def test_a_hanging_server_never_blocks_logging_and_close_is_bounded(tmp_path):
+    client = StuckClient()
+    target = RunTarget(uri="http://stuck", experiment="e", run_name="r", run_id="abc")
+    tracker = MlflowTracker(client, tmp_path, target, retry_seconds=0.1, close_timeout=0.5)
+    tracker.log_metrics({"train/loss": 1.0}, 0)
+    assert not tracker.flush(timeout=0.3)  # the sender is stuck in log_batch
+    started = time.monotonic()
+    for step in range(1, 200):
+        tracker.log_metrics({"train/loss": 1.0}, step)
+    assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    tracker.close()
+    assert time.monotonic() - started < 2.0
+    client.release.set()
+    assert tracking_journal.read_run_info(tmp_path)["unsent_at_close"] == 200
+    assert len(tracking_journal.read_metrics(tmp_path)) == 200
 
 
 def test_journal_survives_a_torn_last_line(tmp_path):
@@ -291,7 +341,6 @@ class MlflowServer:
             self.proc.wait()
 
 
-@pytest.mark.slow
 def test_server_outage_mid_run_loses_no_metric(tmp_path):
     port = free_port()
     server = MlflowServer(tmp_path / "server.db", port, tmp_path)
