@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,12 @@ def dist_info():
     from pipeline.distributed import init_distributed
 
     return init_distributed()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
