@@ -100,13 +100,15 @@ class MlflowTracker:
 
         self.run_dir = Path(run_dir)
         self.target, self.close_timeout = target, close_timeout
+        self._backlog = self._read_backlog()
         self.journal = journal_mod.Journal(self.run_dir)
         self._secrets = env_secrets()
         self._info_lock = threading.Lock()
         self._closed = False
         self._bad_keys: set[str] = set()
         self.sender = Sender(client, target, retry_seconds=retry_seconds, secrets=self._secrets,
-                             on_open=lambda run_id: self._write_info({}))
+                             on_open=lambda run_id: self._write_info({}),
+                             catch_up=self._catch_up if self._backlog else None)
         self._write_info({})
         self.sender.open_now()
         self.sender.start()
@@ -179,6 +181,29 @@ class MlflowTracker:
             logger.warning("%d MLflow record(s) not sent; they are in %s: run `python -m "
                            "pipeline.tracking sync %s` when MLflow is back",
                            unsent, self.run_dir, self.run_dir)
+
+    def _read_backlog(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """The journal of the run being resumed here (None unless resuming this run_dir's run)."""
+        run_id = self.target.run_id
+        if not run_id or journal_mod.saved_run_id(self.run_dir) != run_id:
+            return None
+        return journal_mod.read_metrics(self.run_dir), journal_mod.read_events(self.run_dir)
+
+    def _catch_up(self) -> None:
+        """Queue what the previous process journaled and MLflow lacks (runs in the sender)."""
+        from pipeline.tracking_sync import missing_metrics, missing_params, missing_tags
+
+        metrics, events = self._backlog or ([], [])
+        client, run_id = self.sender.client, self.run_id
+        missing = missing_metrics(client, run_id, metrics)
+        params, tags = missing_params(client, run_id, events), missing_tags(client, run_id, events)
+        if missing or params or tags:
+            logger.info("resumed run %s lacked %d journaled record(s); re-sending them",
+                        run_id, len(missing) + len(params) + len(tags))
+        self.sender.put("params", params)
+        self.sender.put("tags", tags)
+        self.sender.put("metrics", missing)
+        self._backlog = None
 
     def _after_close(self) -> bool:
         if self._closed:

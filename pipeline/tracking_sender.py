@@ -1,7 +1,8 @@
 """Sending to MLflow from one background thread: batched, retried, never in training's way.
 
 The training thread only appends to in-memory buffers (after the journal has the records); a daemon
-thread sends them with ``log_batch``. When MLflow fails with a transient error (connection refused,
+thread sends them with ``log_batch``. A resumed run first gets what its journal holds and MLflow
+lacks (records still buffered when the previous process was killed). When MLflow fails with a transient error (connection refused,
 timeout, 5xx, 429), what was taken goes back to the buffer, one warning is logged for the outage,
 and the thread tries again every ``retry_seconds``; when it gets through, it logs the recovery.
 A record MLflow refuses for good (4xx: a bad key, a param whose value may not change) is dropped
@@ -109,12 +110,12 @@ class Sender:
 
     def __init__(self, client: Any, target: RunTarget, *, retry_seconds: float,
                  secrets: list[str], on_open: Callable[[str], None],
-                 max_buffer: int = 200_000) -> None:
+                 catch_up: Callable[[], None] | None = None, max_buffer: int = 200_000) -> None:
         self.client, self.target = client, target
         self.run_id: str | None = target.run_id
         self.retry_seconds, self.max_buffer = retry_seconds, max_buffer
         self.overflowed = self.refused = 0
-        self._secrets, self._on_open = secrets, on_open
+        self._secrets, self._on_open, self._catch_up = secrets, on_open, catch_up
         self._opened = False
         self._pending: dict[str, Any] = {
             "params": {}, "tags": {}, "metrics": deque(), "artifacts": deque()}
@@ -236,6 +237,9 @@ class Sender:
             with fast_fail_http():
                 if not self._opened:
                     self._open()
+                if self._catch_up is not None:  # once, before this process's own records
+                    self._catch_up()
+                    self._catch_up = None
                 for kind in ("params", "tags", "metrics", "artifacts"):
                     self._drain(kind)
                 self._send_terminate()

@@ -51,23 +51,33 @@ def _merged(events: list[dict[str, Any]], kind: str) -> dict[str, str]:
     return merged
 
 
-def _sync_params(client: Any, run_id: str, events: list[dict[str, Any]]) -> tuple[int, int]:
-    from mlflow.entities import Param
-
+def missing_params(client: Any, run_id: str, events: list[dict[str, Any]]) -> dict[str, str]:
+    """Journaled params the run lacks (a param MLflow already has keeps its first value)."""
     have = client.get_run(run_id).data.params
     wanted = _merged(events, "params")
     for key in sorted(k for k in wanted if k in have and have[k] != wanted[k]):
         logger.warning("param %r is %r in MLflow and %r in the journal; MLflow keeps the first",
                        key, have[key], wanted[key])
-    missing = [Param(k, v) for k, v in wanted.items() if k not in have]
+    return {k: v for k, v in wanted.items() if k not in have}
+
+
+def missing_tags(client: Any, run_id: str, events: list[dict[str, Any]]) -> dict[str, str]:
+    """Journaled tags (last value) that the run lacks or holds with another value."""
+    have = client.get_run(run_id).data.tags
+    return {k: v for k, v in _merged(events, "tags").items() if have.get(k) != v}
+
+
+def _sync_params(client: Any, run_id: str, events: list[dict[str, Any]]) -> tuple[int, int]:
+    from mlflow.entities import Param
+
+    missing = [Param(k, v) for k, v in missing_params(client, run_id, events).items()]
     return len(missing), _send_chunks(lambda c: client.log_batch(run_id, params=c), missing, 100)
 
 
 def _sync_tags(client: Any, run_id: str, events: list[dict[str, Any]]) -> tuple[int, int]:
     from mlflow.entities import RunTag
 
-    have = client.get_run(run_id).data.tags
-    missing = [RunTag(k, v) for k, v in _merged(events, "tags").items() if have.get(k) != v]
+    missing = [RunTag(k, v) for k, v in missing_tags(client, run_id, events).items()]
     return len(missing), _send_chunks(lambda c: client.log_batch(run_id, tags=c), missing, 100)
 
 
