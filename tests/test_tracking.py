@@ -139,6 +139,40 @@ def test_resume_continues_the_same_run(tmp_path):
     assert len(client.search_runs([client.get_experiment_by_name("sift-test").experiment_id])) == 1
 
 
+KILLED_TRAINER = """
+import os, signal, sys
+from types import SimpleNamespace
+from pipeline.tracking import start_tracker
+cfg = SimpleNamespace(enabled=True, uri=sys.argv[1], experiment="sift-test", artifact_location="",
+                      retry_seconds=0.5)
+tracker = start_tracker(cfg, sys.argv[2], rank=0, run_name="killed")
+tracker.log_params({"train.seed": 5})
+for step in range(5):
+    tracker.log_metrics({"train/loss": 1.0}, step)
+assert tracker.flush(timeout=30)
+for step in range(5, 10):  # buffered for the next send, a second away
+    tracker.log_metrics({"train/loss": 1.0}, step)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_resume_after_sigkill_sends_what_the_killed_process_had_buffered(tmp_path):
+    cfg, run_dir = tracking_cfg(sqlite_uri(tmp_path)), str(tmp_path / "run")
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.run([sys.executable, "-c", KILLED_TRAINER, cfg.uri, run_dir], cwd=repo,
+                           env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    run_id = tracking_journal.saved_run_id(run_dir)
+    client = MlflowClient(cfg.uri)
+    assert steps_in_run(client, run_id, "train/loss") == [0, 1, 2, 3, 4]
+
+    tracker = start_tracker(cfg, run_dir, rank=0, run_name="killed", resume_run_id=run_id)
+    tracker.log_metrics({"train/loss": 0.5}, 10)
+    tracker.close()
+    assert steps_in_run(client, run_id, "train/loss") == list(range(11))
+    assert client.get_run(run_id).data.params == {"train.seed": "5"}
+
+
 def test_resuming_an_unknown_run_fails_at_start(tmp_path):
     from mlflow.exceptions import MlflowException
 
