@@ -101,6 +101,9 @@ class MlflowTracker:
         self.run_dir = Path(run_dir)
         self.target, self.close_timeout = target, close_timeout
         self._backlog = self._read_backlog()
+        if not target.run_id:
+            for moved in journal_mod.set_aside(self.run_dir):
+                logger.info("new run in %s: the earlier journal is now %s", run_dir, moved.name)
         self.journal = journal_mod.Journal(self.run_dir)
         self._secrets = env_secrets()
         self._info_lock = threading.Lock()

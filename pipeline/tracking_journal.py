@@ -9,7 +9,8 @@ Files in the run directory:
   experiment) and, after ``close``, its final status and how many records were left unsent;
 - ``tracking_artifacts/``: the JSON files written by ``log_dict``.
 
-Each append is flushed. A process killed mid-write leaves at most one torn last line: readers
+A new run (not a resume) in a directory that holds an earlier run's journal sets those files
+aside first (`set_aside`). Each append is flushed. A process killed mid-write leaves at most one torn last line: readers
 skip it and the next writer starts on a fresh line.
 """
 
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -73,6 +75,24 @@ class Journal:
             self._metrics.close()
             if self._events is not None:
                 self._events.close()
+
+
+def set_aside(run_dir: str | os.PathLike) -> list[Path]:
+    """Rename an earlier run's journal files, so a new run's journal (and sync) holds only its own.
+
+    ``metrics.jsonl`` becomes ``metrics.<old run id>.<unix time>.jsonl``; likewise the events.
+    """
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir) or {}
+    tag = f"{info.get('run_id') or 'unknown'}.{int(time.time())}"
+    moved = []
+    for name in (METRICS_FILE, EVENTS_FILE):
+        path = run_dir / name
+        if path.exists() and path.stat().st_size > 0:
+            target = path.with_name(f"{path.stem}.{tag}{path.suffix}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

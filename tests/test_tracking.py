@@ -173,6 +173,21 @@ def test_resume_after_sigkill_sends_what_the_killed_process_had_buffered(tmp_pat
     assert client.get_run(run_id).data.params == {"train.seed": "5"}
 
 
+def test_a_new_run_in_a_used_run_dir_starts_its_own_journal(tmp_path):
+    cfg, run_dir = tracking_cfg(sqlite_uri(tmp_path)), tmp_path / "run"
+    first = start_tracker(cfg, str(run_dir), rank=0, run_name="a")
+    first.log_metrics({"train/loss": 1.0}, 1)
+    first.close()
+    second = start_tracker(cfg, str(run_dir), rank=0, run_name="b")
+    second.log_metrics({"train/loss": 2.0}, 7)
+    second.close()
+    assert second.run_id != first.run_id
+    assert [r["step"] for r in tracking_journal.read_metrics(run_dir)] == [7]
+    assert len(list(run_dir.glob(f"metrics.{first.run_id}.*.jsonl"))) == 1
+    assert sync_run(str(run_dir))["metrics"] == 0
+    assert steps_in_run(MlflowClient(cfg.uri), second.run_id, "train/loss") == [7]
+
+
 def test_resuming_an_unknown_run_fails_at_start(tmp_path):
     from mlflow.exceptions import MlflowException
 
