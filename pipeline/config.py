@@ -35,6 +35,7 @@ class ModelConfig:
     intermediate_size: int = 0
     max_position: int = 0  # 0 = the data's seq_len
     dropout: float = 0.1
+    pre_layernorm: bool = False  # True: pre-LN wiring (pipeline/prenorm.py); not exportable as HF BERT
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainConfig:
     resume: bool = True  # resume from the newest complete checkpoint in out_dir
     export: bool = True  # write a Hugging Face model directory at the end
     record_keys: bool = False  # write each step's candidate and kept sample keys to out_dir/keys/
+    init_from: str = ""  # warm start: module weights only from this checkpoint (a run dir or its step dir)
 
 
 @dataclass
@@ -225,6 +227,8 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     _check(t.threads >= 0, "train.threads", "must be >= 0")
+    _check(not (m.pre_layernorm and t.export), "train.export",
+           "a model.pre_layernorm=true model is not a standard Hugging Face BERT: set train.export=false")
     _check(bool(t.ds_configs), "train.ds_configs", "needs at least one DeepSpeed JSON")
     _check(s.policy in POLICIES, "select.policy", f"must be one of {', '.join(POLICIES)}, got {s.policy!r}")
     _check(s.oversample >= 1, "select.oversample", f"must be >= 1, got {s.oversample}")

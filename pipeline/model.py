@@ -72,7 +72,12 @@ class SparseMaskedLM(nn.Module):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, pad_id: int = 0) -> SparseMaskedLM:
-    return SparseMaskedLM(bert_config(cfg, vocab_size, seq_len, pad_id))
+    model = SparseMaskedLM(bert_config(cfg, vocab_size, seq_len, pad_id))
+    if cfg.pre_layernorm:
+        from pipeline.prenorm import to_pre_layernorm
+
+        to_pre_layernorm(model.mlm)
+    return model
 
 
 def num_parameters(model: nn.Module) -> int:

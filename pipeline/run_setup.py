@@ -189,6 +189,8 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
     if cfg.select.exit_layer > num_layers:
         raise ConfigError(f"select.exit_layer: {cfg.select.exit_layer} is larger than the model's "
                           f"{num_layers} layers")
+    if cfg.train.init_from:
+        load_module_weights(model, cfg.train.init_from)  # a resumable checkpoint in out_dir still wins
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     selector = Selector(cfg.select, micro_batch=cfg.train.micro_batch, num_layers=num_layers,
                         vocab_size=manifest.vocab_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
@@ -212,6 +214,38 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
     log.info("model %s: %.2fM parameters, ZeRO stage %d, %d ranks", cfg.model.preset,
              num_parameters(engine.module) / 1e6, zero_stage(ds_config), info.world_size)
     return RunParts(cfg, info, manifest, engine, selector, progress, tracker, out_dir, val, spec)
+
+
+def init_checkpoint_dir(path: str) -> Path:
+    """train.init_from -> a complete checkpoint step dir: the dir itself, or the newest complete one
+    in `path/checkpoints` or `path`."""
+    root = Path(path)
+    if (root / checkpoint.MARKER).is_file():
+        return root
+    for ckpt_dir in (root / "checkpoints", root):
+        tags = checkpoint.complete_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+        if tags:
+            return ckpt_dir / tags[-1]
+    raise ConfigError(f"train.init_from {path}: no complete checkpoint there (expected a step dir with a "
+                      f"{checkpoint.MARKER} marker, or a run dir holding checkpoints/)")
+
+
+def load_module_weights(model: torch.nn.Module, path: str) -> Path:
+    """Warm start: module weights only (no optimizer, progress, RNG or MLflow run) from a ZeRO-0..2
+    checkpoint. The architecture must match exactly."""
+    step_dir = init_checkpoint_dir(path)
+    files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise ConfigError(f"train.init_from {step_dir}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"train.init_from {files[0]}: weights do not fit this model (same preset, "
+                          f"model.pre_layernorm and data vocab/seq_len needed; ZeRO-3 checkpoints are "
+                          f"partitioned): {str(err).splitlines()[0]}") from err
+    log.info("warm start: module weights from %s", step_dir)
+    return step_dir
 
 
 def _log_run_start(cfg: Config, info: DistInfo, manifest: Manifest, ds_config: dict, tracker: Tracker,
