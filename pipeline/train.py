@@ -80,22 +80,17 @@ def train(cfg: Config, info: DistInfo) -> dict[str, float]:
                        "select/dropped_loss": _mean(dropped_loss), "select/kept_unigram_ce": _mean(kept_ce),
                        "select/pool_unigram_ce": _mean(pool_ce), **probe})
 
-        if progress.step % t.log_every == 0 or progress.step == t.max_steps:
+        out_of_time = 0 < t.max_seconds <= progress.train_time_s
+        stopping = all_reduce_max(float(stop.requested or out_of_time), info) > 0
+        if progress.step % t.log_every == 0 or progress.step == t.max_steps or stopping:
             tracker.log_metrics(_window_metrics(window, progress, m * world, run.manifest.seq_len), progress.step)
             bar.set_postfix(loss=f"{window[-1]['train/loss']:.3f}", lr=f"{lr:.2e}")
             window = []
         reached = False
-        if progress.step % t.eval_every == 0 or progress.step == t.max_steps:
-            last_eval = run.evaluate()
-            tracker.log_metrics({**last_eval, "eval/train_time_s": progress.train_time_s,
-                                 "eval/samples_backpropagated": progress.samples_backprop,
-                                 "eval/samples_seen": progress.samples_seen,
-                                 "eval/wall_clock_s": time.perf_counter() - started}, progress.step)
-            log.info("step %d: eval loss %.4f accuracy %.4f", progress.step, last_eval["eval/loss"],
-                     last_eval["eval/accuracy"])
+        if progress.step % t.eval_every == 0 or progress.step == t.max_steps or stopping:
+            last_eval = _evaluate_and_log(run, started)
             reached = 0 < t.target_accuracy <= last_eval["eval/accuracy"]
-        out_of_time = 0 < t.max_seconds <= progress.train_time_s
-        stopping = all_reduce_max(float(stop.requested or out_of_time), info) > 0 or reached
+            stopping = stopping or reached
         if stopping or progress.step == t.max_steps or (t.ckpt_every and progress.step % t.ckpt_every == 0):
             progress.wall_clock_s = time.perf_counter() - started
             run.save_checkpoint()
@@ -107,11 +102,21 @@ def train(cfg: Config, info: DistInfo) -> dict[str, float]:
     if stop.requested:
         tracker.close(status="KILLED")  # preempted: the requeued job resumes this MLflow run
         return last_eval
-    if not last_eval:
-        last_eval = run.evaluate()
-        tracker.log_metrics(last_eval, progress.step)
+    if not last_eval:  # resumed at max_steps: nothing trained, still report the model
+        last_eval = _evaluate_and_log(run, started)
     run.finish()
     return last_eval
+
+
+def _evaluate_and_log(run: RunParts, started: float) -> dict[str, float]:
+    """Eval metrics plus the progress counters at this point, so curves need no join."""
+    p = run.progress
+    metrics = run.evaluate()
+    run.tracker.log_metrics({**metrics, "eval/train_time_s": p.train_time_s,
+                             "eval/samples_backpropagated": p.samples_backprop, "eval/samples_seen": p.samples_seen,
+                             "eval/wall_clock_s": time.perf_counter() - started}, p.step)
+    log.info("step %d: eval loss %.4f accuracy %.4f", p.step, metrics["eval/loss"], metrics["eval/accuracy"])
+    return metrics
 
 
 def _window_metrics(window: list[dict[str, float]], progress: Progress, batch: int, seq_len: int
