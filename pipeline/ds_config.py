@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,18 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     merged["gradient_clipping"] = t.grad_clip
     optimizer = merged.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer.setdefault("params", {}).update({"lr": t.lr, "weight_decay": t.weight_decay})
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and _needs_torch_adam(merged):
+        optimizer["params"]["torch_adam"] = True  # DeepSpeed's fused Adam would JIT-compile a GPU op
     stage = merged.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.ds_configs: zero_optimization.stage must be 0-3, got {stage!r}")
     return merged
+
+
+def _needs_torch_adam(ds: dict[str, Any]) -> bool:
+    offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    adam = str(ds.get("optimizer", {}).get("type", "")).lower() in ("adam", "adamw")
+    return adam and not offloaded and "torch_adam" not in ds["optimizer"].get("params", {})
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

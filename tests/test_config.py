@@ -69,3 +69,11 @@ def test_ds_config_may_not_set_batch_sizes(tmp_path):
     cfg = load_config(None, ["train.ds_configs=[ds_configs/nope.json]"])
     with pytest.raises(ConfigError, match="nope.json not found"):
         build_ds_config(cfg, world_size=1)
+
+
+def test_cpu_runs_use_torch_adam_even_without_cpu_json(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    cfg = load_config(None, ["train.ds_configs=[ds_configs/base.json, ds_configs/zero2.json]"])
+    assert build_ds_config(cfg, world_size=1)["optimizer"]["params"]["torch_adam"] is True
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert "torch_adam" not in build_ds_config(cfg, world_size=1)["optimizer"]["params"]
