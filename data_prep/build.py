@@ -235,7 +235,8 @@ def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: i
                    else not sys.stderr.isatty(), mininterval=1.0, desc="data_prep")
         t0 = time.perf_counter()
         n_docs = n_tokens = 0
-        with Encoder(tok.backend_json(), workers=workers, sep_id=sep_id, dtype=dtype) as enc, bar:
+        tok_file = os.path.join(out_dir, outdir.TOKENIZER_DIR, "tokenizer.json")
+        with Encoder(tok_file, workers=workers, sep_id=sep_id, dtype=dtype) as enc, bar:
             for (si, last, is_val), out in enc.map(_batches(sources, stats, skip_bad, opts, splitter)):
                 st = stats[si]
                 for length, v in zip(out.lengths.tolist(), is_val):

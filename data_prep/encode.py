@@ -12,11 +12,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .errors import DataPrepError
 from .packing import join_documents
 
 _WORKER: dict[str, Any] = {}
@@ -40,11 +43,18 @@ def encode_texts(tokenizer: Any, texts: list[str], is_val: list[bool], sep_id: i
     return Encoded(train, val, lengths)
 
 
-def _init_worker(tokenizer_json: str, sep_id: int, dtype: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _load(tokenizer_file: str) -> Any:
     from tokenizers import Tokenizer
 
-    _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), sep=sep_id, dtype=np.dtype(dtype))
+    tok = Tokenizer.from_file(tokenizer_file)
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def _init_worker(tokenizer_file: str, sep_id: int, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tok=_load(tokenizer_file), sep=sep_id, dtype=np.dtype(dtype))
 
 
 def _work(texts: list[str], is_val: list[bool]) -> Encoded:
@@ -52,21 +62,22 @@ def _work(texts: list[str], is_val: list[bool]) -> Encoded:
 
 
 class Encoder:
-    """Ordered, bounded tokenization of ``(tag, texts, is_val)`` batches."""
+    """Ordered, bounded tokenization of ``(tag, texts, is_val)`` batches.
 
-    def __init__(self, tokenizer_json: str, *, workers: int, sep_id: int, dtype: np.dtype) -> None:
+    Workers get the tokenizer as a file path, not its JSON: a large argument to a spawned child
+    that fails at start-up can block the parent forever in CPython's spawn pipe write."""
+
+    def __init__(self, tokenizer_file: str, *, workers: int, sep_id: int, dtype: np.dtype) -> None:
         self.workers = workers
         self.sep_id = sep_id
         self.dtype = dtype
-        self._pool = None
+        self._pool: ProcessPoolExecutor | None = None
         if workers > 1:
-            ctx = mp.get_context("spawn")
-            self._pool = ctx.Pool(workers, initializer=_init_worker,
-                                  initargs=(tokenizer_json, sep_id, dtype.str))
+            self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_init_worker,
+                                             initargs=(tokenizer_file, sep_id, dtype.str))
         else:
-            from tokenizers import Tokenizer
-
-            self._tok = Tokenizer.from_str(tokenizer_json)
+            self._tok = _load(tokenizer_file)
 
     def map(self, batches: Iterable[tuple[Any, list[str], list[bool]]]) -> Iterator[tuple[Any, Encoded]]:
         if self._pool is None:
@@ -74,19 +85,23 @@ class Encoder:
                 yield tag, encode_texts(self._tok, texts, is_val, self.sep_id, self.dtype)
             return
         inflight: deque = deque()
-        for tag, texts, is_val in batches:
-            inflight.append((tag, self._pool.apply_async(_work, (texts, is_val))))
-            while len(inflight) > 2 * self.workers:
-                t, res = inflight.popleft()
-                yield t, res.get()
-        while inflight:
-            t, res = inflight.popleft()
-            yield t, res.get()
+        try:
+            for tag, texts, is_val in batches:
+                inflight.append((tag, self._pool.submit(_work, texts, is_val)))
+                while len(inflight) > 2 * self.workers:
+                    t, fut = inflight.popleft()
+                    yield t, fut.result()
+            while inflight:
+                t, fut = inflight.popleft()
+                yield t, fut.result()
+        except BrokenProcessPool as e:
+            raise DataPrepError("a tokenizer worker process died (out of memory? or a script "
+                                "without `if __name__ == '__main__':`, which spawned workers "
+                                "need); try --workers 1") from e
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> "Encoder":

@@ -36,15 +36,6 @@ class TokenizerInfo:
     origin: str  # "trained" or the directory it was loaded from
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def backend_json(self) -> str:
-        """The ``tokenizers`` model as JSON, without truncation or padding (for worker processes)."""
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(self.hf.backend_tokenizer.to_str())
-        tok.no_truncation()
-        tok.no_padding()
-        return tok.to_str()
-
 
 def vocab_tokens(hf: Any) -> list[str]:
     """The vocab as a list indexed by id (added tokens included); refuses gaps in the ids."""
