@@ -66,6 +66,38 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], r
     return ckpt_dir / tag
 
 
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its checkpoint files (ZeRO optimizer state)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def vet_files(tag_dir: Path) -> None:
+    """Open every .pt file of a checkpoint with torch.load(weights_only=True) before DeepSpeed loads it.
+
+    DeepSpeed 0.19.8 reads its files with weights_only=False (any pickled object, so any code, would
+    run); a file that holds more than tensors, plain containers and the few DeepSpeed classes above is
+    refused here instead. mmap keeps this cheap: tensor data is mapped, not read."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as err:
+                    if "mmap" not in str(err):
+                        raise
+                    torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as err:  # the unpickler raises UnpicklingError, RuntimeError, ...
+            found = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \S+", str(err))
+            reason = found.group(0) if found else (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RuntimeError(f"{path}: refusing to load this checkpoint: it holds more than plain weights "
+                               f"(torch.load with weights_only=True: {reason}); resume only checkpoints you "
+                               "trust") from err
+
+
 def load_latest(engine: Any, ckpt_dir: Path, info: DistInfo) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(client_state, this rank's state) from the newest complete checkpoint, or None."""
     clean_incomplete(ckpt_dir, info)
@@ -77,6 +109,7 @@ def load_latest(engine: Any, ckpt_dir: Path, info: DistInfo) -> tuple[dict[str, 
     if marker.get("world_size") != info.world_size:
         raise RuntimeError(f"{ckpt_dir / tag}: saved with {marker.get('world_size')} ranks, resuming with "
                            f"{info.world_size}: exact resumption needs the same number of ranks")
+    vet_files(ckpt_dir / tag)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")

@@ -30,6 +30,10 @@ class CorruptSampleError(RuntimeError):
     """A sample or shard that cannot be decoded; the message names the shard."""
 
 
+class SampleMismatchError(CorruptSampleError):
+    """A well-formed array that does not fit the manifest (length, dtype, ids >= vocab_size)."""
+
+
 @dataclass(frozen=True)
 class MaskSpec:
     mask_prob: float
@@ -71,39 +75,81 @@ def decode_sample(sample: dict, seq_len: int, vocab_size: int) -> tuple[str, np.
     except Exception as err:  # numpy raises ValueError/OSError/EOFError on bad bytes or pickles
         raise CorruptSampleError(f"{url}: sample {key!r}: not a plain .npy array ({err})") from err
     if ids.ndim != 1 or ids.shape[0] != seq_len or ids.dtype.kind not in "iu":
-        raise CorruptSampleError(f"{url}: sample {key!r}: expected {seq_len} integer ids, got {ids.dtype}{ids.shape}")
+        raise SampleMismatchError(f"{url}: sample {key!r}: expected {seq_len} integer ids, got {ids.dtype}{ids.shape}")
     if ids.size and int(ids.max()) >= vocab_size:
-        raise CorruptSampleError(f"{url}: sample {key!r}: token id {int(ids.max())} >= vocab size {vocab_size}")
+        raise SampleMismatchError(f"{url}: sample {key!r}: token id {int(ids.max())} >= vocab size {vocab_size}")
     return key, ids
 
 
 class SkipCounter:
-    """webdataset handler: strict mode re-raises; otherwise counts and logs each skipped error."""
+    """webdataset handler and fault counter for one stream: strict mode raises; otherwise it logs and
+    counts each skipped sample once (a stream read twice, e.g. repeated to pad, counts it once)."""
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
-        self.skipped = 0
+        self.skipped = 0  # samples lost: undecodable, or missing from a short shard
+        self._seen: set[tuple[str, str]] = set()
 
     def __call__(self, exn: Exception) -> bool:
+        """Tar-level errors (webdataset calls this): the samples they cost are counted per shard."""
+        where = "; ".join(str(arg) for arg in exn.args if isinstance(arg, str)) or repr(exn)
         if self.strict:
-            raise CorruptSampleError(f"corrupt shard data (data.strict=true): {exn}") from exn
-        self.skipped += 1
-        log.warning("skipping corrupt data (%d so far): %s", self.skipped, exn)
+            raise CorruptSampleError(f"corrupt shard data: {where} (data.strict=true)") from exn
+        log.warning("corrupt shard data, skipped: %s", where)
         return True
+
+    def bad_sample(self, err: CorruptSampleError, url: str, key: str) -> None:
+        if self.strict:
+            raise type(err)(f"{err} (data.strict=true)") from err
+        self._count((url, key), 1, str(err))
+
+    def short_shard(self, url: str, got: int, expected: int) -> None:
+        message = f"{url}: {got} readable samples, the manifest says {expected} (truncated or damaged shard)"
+        if self.strict:
+            raise CorruptSampleError(f"{message} (data.strict=true)")
+        if got < expected:
+            self._count((url, "<short>"), expected - got, message)
+        else:
+            log.warning("%s", message)
+
+    def _count(self, what: tuple[str, str], samples: int, message: str) -> None:
+        if what in self._seen:
+            return
+        self._seen.add(what)
+        self.skipped += samples
+        log.warning("skipping %d corrupt sample(s) (%d so far): %s", samples, self.skipped, message)
+
+
+def _count_per_shard(urls: list[str], expected: dict[str, int], handler: SkipCounter):
+    """A webdataset stage: passes samples through and checks each shard's count against the manifest
+    (Python's tarfile ends a damaged archive silently, so a short count is the only sign)."""
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        counts = dict.fromkeys(urls, 0)
+        for sample in samples:
+            counts[sample.get("__url__", "?")] = counts.get(sample.get("__url__", "?"), 0) + 1
+            yield sample
+        for url in urls:
+            if url in expected and counts[url] != expected[url]:
+                handler.short_shard(url, counts[url], expected[url])
+    return stage
 
 
 def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCounter,
-                 shuffle_buffer: int = 0, shuffle_seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, ids) from the given shards in order, optionally through a seeded shuffle buffer."""
+                 shuffle_buffer: int = 0, shuffle_seed: int = 0, expected: dict[str, int] | None = None
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, ids) from the given shards in order, optionally through a seeded shuffle buffer.
+    `expected` (url -> samples, from the manifest) makes a short shard count as skipped samples."""
     dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
                              empty_check=False, handler=handler, select_files=_is_payload)
+    if expected is not None:
+        dataset = dataset.compose(_count_per_shard(urls, expected, handler))
     if shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed)
     for sample in dataset:
         try:
             yield decode_sample(sample, seq_len, vocab_size)
         except CorruptSampleError as err:
-            handler(err)
+            handler.bad_sample(err, sample.get("__url__", "?"), sample.get("__key__", "?"))
 
 
 def _is_payload(name: str) -> bool:
@@ -137,10 +183,12 @@ class CandidateBatches(torch.utils.data.IterableDataset):
         super().__init__()
         self.manifest, self.spec, self.batch, self.epoch, self.seed = manifest, spec, batch, epoch, seed
         self.rank, self.start, self.shuffle_buffer = rank, start, shuffle_buffer
-        self.urls = [manifest.url(s) for s in rank_shards(manifest, epoch, seed, rank, world)[rank]]
+        shards = rank_shards(manifest, epoch, seed, rank, world)[rank]
+        self.urls = [manifest.url(s) for s in shards]
+        self.expected = {manifest.url(s): int(s["samples"]) for s in shards}
         self.steps = micro_steps_per_epoch(manifest, epoch, seed, world, batch)
         self.handler = SkipCounter(strict)
-        self.padded = 0
+        self.padded = 0  # samples repeated to make up for a short stream
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -164,7 +212,8 @@ class CandidateBatches(torch.utils.data.IterableDataset):
         while produced < needed:
             before = produced
             for item in shard_stream(self.urls, self.manifest.seq_len, self.spec.vocab_size, self.handler,
-                                     self.shuffle_buffer, shuffle_seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank):
+                                     self.shuffle_buffer, shuffle_seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank,
+                                     expected=self.expected):
                 yield item
                 produced += 1
                 if produced >= needed:
@@ -180,7 +229,33 @@ class CandidateBatches(torch.utils.data.IterableDataset):
                                            self.spec) for key, ids in items))
         return {"keys": [key for key, _ in items],
                 "input_ids": torch.from_numpy(np.stack(inputs)),  # (B, T)
-                "labels": torch.from_numpy(np.stack(labels))}  # (B, T), -100 where not masked
+                "labels": torch.from_numpy(np.stack(labels)),  # (B, T), -100 where not masked
+                # counts so far in this epoch's stream; carried by the batch since a loader worker's
+                # own counters never reach the training process
+                "faults": (self.handler.skipped, self.padded)}
+
+
+@dataclass
+class DataFaults:
+    """This rank's corrupt samples skipped and samples repeated (padding a short stream), over the run.
+
+    Batches carry the counts since their epoch began; a resumed epoch re-reads its start and counts
+    those again, so only the growth over the last batch seen is added."""
+    skipped: int = 0
+    repeated: int = 0
+    epoch_skipped: int = 0
+    epoch_repeated: int = 0
+
+    def update(self, batch: dict) -> dict:
+        """Take the counts off a batch (returned without them)."""
+        skipped, repeated = batch.pop("faults")
+        self.skipped += max(0, skipped - self.epoch_skipped)
+        self.repeated += max(0, repeated - self.epoch_repeated)
+        self.epoch_skipped, self.epoch_repeated = max(skipped, self.epoch_skipped), max(repeated, self.epoch_repeated)
+        return batch
+
+    def end_epoch(self) -> None:
+        self.epoch_skipped = self.epoch_repeated = 0
 
 
 def train_loader(manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, seed: int, rank: int,
@@ -208,7 +283,9 @@ def eval_batches(manifest: Manifest, spec: MaskSpec, *, samples: int, batch: int
         raise CorruptSampleError(f"{manifest.path}: {manifest.split_samples('val')} validation samples "
                                  f"cannot give each of {world} ranks one")
     mine: list[tuple[str, np.ndarray]] = []
-    for index, item in enumerate(shard_stream(urls, manifest.seq_len, spec.vocab_size, SkipCounter(strict))):
+    expected = {manifest.url(s): int(s["samples"]) for s in manifest.shards("val")}
+    stream = shard_stream(urls, manifest.seq_len, spec.vocab_size, SkipCounter(strict), expected=expected)
+    for index, item in enumerate(stream):
         if index >= per_rank * world:
             break
         if index % world == rank:

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, preflight, tracking_journal
 from pipeline.config import Config, ConfigError, TrainConfig, candidates_per_micro_step, flatten, to_dict
-from pipeline.data import MaskSpec, eval_batches, micro_steps_per_epoch, train_loader
-from pipeline.distributed import DistInfo, all_reduce_max
+from pipeline.data import DataFaults, MaskSpec, eval_batches, micro_steps_per_epoch, train_loader
+from pipeline.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from pipeline.ds_config import REPO_ROOT, build_ds_config, zero_stage
 from pipeline.evaluate import evaluate
 from pipeline.export import export_hf
@@ -41,7 +41,7 @@ class Progress:
     wall_clock_s: float = 0.0
     nonfinite_skipped: int = 0
     nonfinite_in_a_row: int = 0
-    skipped_corrupt: int = 0
+    skipped_corrupt: int = 0  # corrupt samples skipped, all ranks (as of the last checkpoint)
     mlflow_run_id: str = ""
 
 
@@ -88,21 +88,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def check_data_matches(cfg: Config, manifest: Manifest) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(manifest.tokenizer_dir())
-    if len(tokenizer) != manifest.vocab_size:
-        raise DataError(f"{manifest.tokenizer_dir()}: tokenizer has {len(tokenizer)} tokens but "
-                        f"{manifest.path} says vocab_size {manifest.vocab_size}: shards and tokenizer do not match")
-    if cfg.model.max_position and manifest.seq_len > cfg.model.max_position:
-        raise ConfigError(f"model.max_position: {cfg.model.max_position} is smaller than the data's seq_len "
-                          f"{manifest.seq_len} ({manifest.path})")
-    if cfg.data.eval_samples > manifest.split_samples("val"):
-        log.warning("data.eval_samples %d > %d validation samples: evaluating on all of them",
-                    cfg.data.eval_samples, manifest.split_samples("val"))
-
-
 def _writable_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -126,6 +111,7 @@ class RunParts:
     out_dir: Path
     val: list[dict]
     spec: MaskSpec
+    faults: DataFaults = field(default_factory=DataFaults)  # this rank's; saved in its rank state
     batches: Iterator[dict] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -139,27 +125,33 @@ class RunParts:
             if micro_steps_per_epoch(self.manifest, p.epoch, cfg.train.seed, info.world_size, batch) == 0:
                 raise DataError(f"{self.manifest.path}: too few train samples for one micro-batch of {batch} "
                                 f"per rank on {info.world_size} ranks")
-            loader, dataset = train_loader(self.manifest, self.spec, batch=batch, epoch=p.epoch, seed=cfg.train.seed,
-                                           rank=info.rank, world=info.world_size, start=p.micro_in_epoch,
-                                           shuffle_buffer=cfg.data.shuffle_buffer, strict=cfg.data.strict,
-                                           num_workers=cfg.data.num_workers)
-            skipped_before = p.skipped_corrupt
+            loader, _ = train_loader(self.manifest, self.spec, batch=batch, epoch=p.epoch, seed=cfg.train.seed,
+                                     rank=info.rank, world=info.world_size, start=p.micro_in_epoch,
+                                     shuffle_buffer=cfg.data.shuffle_buffer, strict=cfg.data.strict,
+                                     num_workers=cfg.data.num_workers)
             for candidates in loader:
                 p.micro_in_epoch += 1
-                p.skipped_corrupt = skipped_before + dataset.handler.skipped
-                yield candidates
+                yield self.faults.update(candidates)
             p.epoch, p.micro_in_epoch = p.epoch + 1, 0
+            self.faults.end_epoch()
             log.info("epoch %d done", p.epoch)
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.engine, self.val, self.info, self.manifest.vocab_size)
 
     def save_checkpoint(self) -> None:
+        counts = all_reduce_sum(torch.tensor([self.faults.skipped, self.faults.repeated], dtype=torch.float64,
+                                             device=self.info.device), self.info)
+        self.progress.skipped_corrupt = int(counts[0].item())
+        # MLflow may have come up only after the start: the run id a restart must resume
+        self.progress.mlflow_run_id = self.tracker.run_id or self.progress.mlflow_run_id
         client_state = {"progress": asdict(self.progress)}
-        rank_state = {"torch_rng": torch.get_rng_state(), "selector": self.selector.state_dict()}
+        rank_state = {"torch_rng": torch.get_rng_state(), "selector": self.selector.state_dict(),
+                      "data_faults": asdict(self.faults)}
         checkpoint.save(self.engine, self.out_dir / "checkpoints", self.progress.step, client_state, rank_state,
                         self.info, self.cfg.train.keep_checkpoints)
-        self.tracker.log_metrics({"data/skipped_corrupt": self.progress.skipped_corrupt}, self.progress.step)
+        self.tracker.log_metrics({"data/skipped_corrupt": counts[0].item(), "data/repeated_samples": counts[1].item()},
+                                 self.progress.step)
 
     def record_keys(self, step: int, candidates: list[str], kept: list[str]) -> None:
         if self.cfg.train.record_keys:
@@ -180,30 +172,30 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
     import deepspeed
 
     manifest = Manifest.load(cfg.data.dir)
-    check_data_matches(cfg, manifest)
+    preflight.check_run(cfg, info.world_size, manifest)  # every input checked before the heavy work
     out_dir = _writable_dir(Path(cfg.train.out_dir))
     ds_config = build_ds_config(cfg, info.world_size)
     torch.manual_seed(cfg.train.seed * 1000 + info.rank)
     model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
     num_layers = model.num_layers
-    if cfg.select.exit_layer > num_layers:
-        raise ConfigError(f"select.exit_layer: {cfg.select.exit_layer} is larger than the model's "
-                          f"{num_layers} layers")
     if cfg.train.init_from:
         load_module_weights(model, cfg.train.init_from)  # a resumable checkpoint in out_dir still wins
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     selector = Selector(cfg.select, micro_batch=cfg.train.micro_batch, num_layers=num_layers,
                         vocab_size=manifest.vocab_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
                         rank=info.rank)
-    progress = Progress()
+    progress, faults = Progress(), DataFaults()
     resumed = checkpoint.load_latest(engine, out_dir / "checkpoints", info) if cfg.train.resume else None
     if resumed:
         client_state, rank_state = resumed
         progress = Progress(**client_state["progress"])
         torch.set_rng_state(rank_state["torch_rng"])
         selector.load_state_dict(rank_state["selector"])
+        faults = DataFaults(**rank_state.get("data_faults", {}))
+    # a run started while MLflow was down has its id only in the journal's mlflow_run.json
+    resume_id = (progress.mlflow_run_id or tracking_journal.saved_run_id(out_dir)) if resumed else None
     tracker = start_tracker(cfg.tracking, str(out_dir), rank=info.rank, run_name=run_name(cfg),
-                            resume_run_id=progress.mlflow_run_id or None)
+                            resume_run_id=resume_id or None)
     progress.mlflow_run_id = tracker.run_id or progress.mlflow_run_id
     if not resumed:
         _log_run_start(cfg, info, manifest, ds_config, tracker, out_dir, num_parameters(engine.module))
@@ -213,7 +205,7 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
                        rank=info.rank, world=info.world_size)
     log.info("model %s: %.2fM parameters, ZeRO stage %d, %d ranks", cfg.model.preset,
              num_parameters(engine.module) / 1e6, zero_stage(ds_config), info.world_size)
-    return RunParts(cfg, info, manifest, engine, selector, progress, tracker, out_dir, val, spec)
+    return RunParts(cfg, info, manifest, engine, selector, progress, tracker, out_dir, val, spec, faults)
 
 
 def init_checkpoint_dir(path: str) -> Path:
@@ -237,7 +229,8 @@ def load_module_weights(model: torch.nn.Module, path: str) -> Path:
     files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise ConfigError(f"train.init_from {step_dir}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    checkpoint.vet_files(step_dir)
+    state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
