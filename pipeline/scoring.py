@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 from transformers import BertForMaskedLM
 
-from pipeline.model import sparse_mlm
+from pipeline.data import IGNORE_INDEX
 from pipeline.selection import per_sample_loss
 
 
@@ -29,8 +29,11 @@ def exit_layer_losses(mlm: BertForMaskedLM, input_ids: torch.Tensor, labels: tor
         hidden = mlm.bert.embeddings(input_ids=input_ids)  # (B, T, H)
         for layer in mlm.bert.encoder.layer[:exit_layer]:
             hidden = layer(hidden)  # packed sequences: no attention mask needed
-        out = sparse_mlm(mlm.cls, hidden, labels)
-        token_loss = F.cross_entropy(out.logits.float(), out.targets, reduction="none")  # (N,)
-        return per_sample_loss(token_loss, out.sample_index, input_ids.shape[0])
+        # The head at the masked positions only, and one per-token cross-entropy over the vocab
+        # (sparse_mlm would add a second, summed one: ~15% of the head's time, docs/BENCHMARKS.md).
+        masked = labels != IGNORE_INDEX  # (B, T)
+        logits = mlm.cls(hidden[masked])  # (N, V)
+        token_loss = F.cross_entropy(logits.float(), labels[masked], reduction="none")  # (N,)
+        return per_sample_loss(token_loss, masked.nonzero(as_tuple=True)[0], input_ids.shape[0])
     finally:
         mlm.train(was_training)
