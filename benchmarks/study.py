@@ -1,0 +1,198 @@
+"""Time-to-accuracy study (issue 7): every selection policy under the same training-time budget.
+
+    python benchmarks/study.py --experiment study-cpu --budget 180 --seeds 0 1 \
+        --policies vanilla random sift@1 sift@2 exact selective_backprop [--warm-seconds 900]
+
+Per seed (a "round") the policies run in an order shuffled with that seed, `--parallel` at a time
+(each with `--threads` torch threads), so machine drift spreads over all policies instead of
+landing on one. Every run gets the same recipe (the YAML config plus `--set`), the same data and
+the same `train.max_seconds`; they differ only in select.policy / select.exit_layer and the seed.
+
+With `--warm-seconds S` a vanilla run of S training seconds is trained once (cached in
+<out>/warm; reused while its COMPLETE checkpoint exists) and every arm is run a second time from it
+(`train.init_from`, module weights only) into the experiment `<experiment>-warm`.
+From-scratch arms go into `<experiment>` itself. After the runs, `python -m pipeline.compare
+--target auto` is called on each experiment, and a diagnostics table and plot are written from the
+runs' local journals (kept vs pool unigram cross-entropy, distinct predictions, probe quality).
+
+Outputs under --out: runs/<experiment>/<policy>-s<seed>/ (each run dir), schedule.jsonl (start,
+end, load average of every run), compare/<experiment>/ (table + plots), diagnostics.md/.json/.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.study_diagnostics import write_diagnostics  # noqa: E402
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def parse_method(method: str) -> tuple[str, int | None]:
+    """'sift@2' -> ('sift', 2); 'vanilla' -> ('vanilla', None)."""
+    policy, _, layer = method.partition("@")
+    return policy, int(layer) if layer else None
+
+
+def ensure_data(data_dir: Path, seq_len: int, vocab_size: int, cache: Path) -> Path:
+    """The demo corpus sharded with data_prep (built once, then reused)."""
+    if (data_dir / "manifest.json").is_file():
+        return data_dir
+    out = subprocess.run([sys.executable, "-m", "data_prep", "-q", "demo-corpus", "--cache", str(cache)],
+                         cwd=REPO, check=True, capture_output=True, text=True).stdout
+    corpus = json.loads(out.strip().splitlines()[-1])
+    subprocess.run([sys.executable, "-m", "data_prep", "build", "--input", corpus["csv"], "--text-column",
+                    corpus["text_column"], "--out", str(data_dir), "--seq-len", str(seq_len), "--vocab-size",
+                    str(vocab_size), "--samples-per-shard", "2000", "--workers", "2", "--no-progress"],
+                   cwd=REPO, check=True)
+    return data_dir
+
+
+def train_command(args: argparse.Namespace, out_dir: Path, experiment: str, method: str, seed: int,
+                  budget: float, extra: list[str]) -> list[str]:
+    policy, layer = parse_method(method)
+    sets = [f"data.dir={args.data}", f"train.out_dir={out_dir}", f"train.max_seconds={budget}",
+            f"train.threads={args.threads}", f"train.seed={seed}", f"select.policy={policy}",
+            f"tracking.experiment={experiment}", f"tracking.run_name={method}-s{seed}", *args.set, *extra]
+    if layer is not None:
+        sets.append(f"select.exit_layer={layer}")
+    return [sys.executable, "-m", "pipeline.train", "--config", str(args.config),
+            *[item for s in sets for item in ("--set", s)]]
+
+
+def run_batch(jobs: list[tuple[str, list[str], Path]], schedule: Path, round_: int) -> None:
+    """Start the jobs together, wait for all; append one schedule record per job."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(1), "TOKENIZERS_PARALLELISM": "false"}
+    started = []
+    for name, cmd, out_dir in jobs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = open(out_dir / "train.log", "w")
+        record = {"run": name, "round": round_, "out_dir": str(out_dir), "start": time.time(),
+                  "load_start": load_average(), "parallel": len(jobs), "command": " ".join(cmd)}
+        started.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log, record))
+    for proc, log, record in started:
+        record["returncode"] = proc.wait()
+        log.close()
+        record.update(end=time.time(), load_end=load_average())
+        with open(schedule, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        status = "ok" if record["returncode"] == 0 else f"FAILED (rc {record['returncode']}, see {record['out_dir']}/train.log)"
+        print(f"  {record['run']}: {record['end'] - record['start']:.0f} s wall, load {record['load_start']:.2f}"
+              f" -> {record['load_end']:.2f}: {status}", flush=True)
+
+
+def run_arms(args: argparse.Namespace, experiment: str, extra: list[str]) -> None:
+    schedule = args.out / "schedule.jsonl"
+    for seed in args.seeds:
+        order = list(args.policies)
+        random.Random(1000 + seed).shuffle(order)  # policies shuffled per round; seed-major
+        print(f"== {experiment}: round seed {seed}: {' '.join(order)}", flush=True)
+        for start in range(0, len(order), args.parallel):
+            jobs = []
+            for method in order[start:start + args.parallel]:
+                out_dir = args.out / "runs" / experiment / f"{method}-s{seed}"
+                if (out_dir / "mlflow_run.json").is_file() and args.skip_done and _finished(out_dir):
+                    print(f"  {method}-s{seed}: done before, skipped", flush=True)
+                    continue
+                jobs.append((f"{experiment}/{method}-s{seed}",
+                             train_command(args, out_dir, experiment, method, seed, args.budget, extra), out_dir))
+            if jobs:
+                run_batch(jobs, schedule, seed)
+
+
+def _finished(out_dir: Path) -> bool:
+    info = json.loads((out_dir / "mlflow_run.json").read_text())
+    return info.get("status") == "FINISHED"
+
+
+def warm_checkpoint(args: argparse.Namespace) -> Path:
+    """The shared vanilla warm start, trained once and cached."""
+    warm = args.out / "warm"
+    if any((warm / "checkpoints").glob("step*/COMPLETE")) and (warm / "WARM_DONE").is_file():
+        print(f"== warm start: reusing {warm}", flush=True)
+        return warm
+    print(f"== warm start: vanilla for {args.warm_seconds:.0f} s of training into {warm}", flush=True)
+    cmd = train_command(args, warm, f"{args.experiment}-warmstart", "vanilla", 0, args.warm_seconds,
+                        [f"train.threads={args.warm_threads}", "train.ckpt_every=300", "train.keep_checkpoints=1"])
+    run_batch([("warmstart/vanilla-s0", cmd, warm)], args.out / "schedule.jsonl", -1)
+    (warm / "WARM_DONE").write_text(json.dumps({"seconds": args.warm_seconds}))
+    return warm
+
+
+def compare(args: argparse.Namespace, experiment: str) -> Path:
+    out = args.out / "compare" / experiment
+    subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", experiment, "--target",
+                    args.target, "--out", str(out)], cwd=REPO, check=True)
+    write_diagnostics(args.out / "runs" / experiment, out)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default=f"study-{time.strftime('%Y%m%d-%H%M%S')}")
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "study.yaml")
+    p.add_argument("--data", type=Path, default=REPO / "data" / "study-s64-v4096")
+    p.add_argument("--seq-len", type=int, default=64, help="for building --data when it is missing")
+    p.add_argument("--vocab-size", type=int, default=4096, help="for building --data when it is missing")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "study")
+    p.add_argument("--budget", type=float, default=180.0, help="training seconds per run (train.max_seconds)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--policies", nargs="+",
+                   default=["vanilla", "random", "sift@1", "sift@2", "exact", "selective_backprop"],
+                   help="'policy' or 'sift@K' (exit layer K)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time (same round only)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--warm-seconds", type=float, default=0.0, help="0 = no warm-start arms")
+    p.add_argument("--warm-threads", type=int, default=2)
+    p.add_argument("--warm-only", action="store_true", help="only the warm-start arms")
+    p.add_argument("--target", default="auto", help="passed to pipeline.compare")
+    p.add_argument("--skip-done", action="store_true", help="keep runs that already FINISHED in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    args.data = args.data.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.out}/mlflow.db")
+    args.out.mkdir(parents=True, exist_ok=True)
+    _init_store()
+    ensure_data(args.data, args.seq_len, args.vocab_size, args.out / "corpus")
+    print(f"study {args.experiment}: {args.policies} x seeds {args.seeds}, {args.budget:.0f} s each, "
+          f"{args.parallel} at a time x {args.threads} thread(s); MLflow {os.environ['MLFLOW_TRACKING_URI']}")
+    experiments = []
+    if not args.warm_only:
+        run_arms(args, args.experiment, [])
+        experiments.append(args.experiment)
+    if args.warm_seconds > 0:
+        warm = warm_checkpoint(args)
+        run_arms(args, f"{args.experiment}-warm", [f"train.init_from={warm}"])
+        experiments.append(f"{args.experiment}-warm")
+    for experiment in experiments:
+        out = compare(args, experiment)
+        print(f"comparison and diagnostics for {experiment}: {out}")
+    return 0
+
+
+def _init_store() -> None:
+    """Create the MLflow schema once, before parallel runs race to migrate a new sqlite file."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_experiments(max_results=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
