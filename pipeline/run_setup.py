@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,9 +92,9 @@ def git_commit() -> str:
 def _writable_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        # A probe file of its own per process: every rank checks the same out_dir at the same time.
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test-"):
+            pass
     except OSError as err:
         raise ConfigError(f"train.out_dir {path}: not writable ({err.strerror})") from err
     return path
