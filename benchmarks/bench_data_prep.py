@@ -1,7 +1,7 @@
 """Benchmark (not a test): tokens/s of data prep on the demo corpus, 1 and 2 workers, beside the same
 tokenization done the usual way, ``datasets.map(batched=True)`` with a fast tokenizer, in one run.
 
-    python benchmarks/bench_data_prep.py [--repeats 3] [--vocab-size 16000] [--seq-len 128]
+    python benchmarks/bench_data_prep.py [--repeats 3] [--vocab-size 8192] [--seq-len 128]
 
 All runs use one tokenizer, trained once on the corpus first (its time is reported apart). Each
 configuration runs ``--repeats`` times, interleaved, and the best and median are reported, since
@@ -71,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default="data/demo", help="demo corpus download dir")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--vocab-size", type=int, default=16000)
+    ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()

@@ -287,7 +287,7 @@ def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: i
 
 def _manifest(tok: TokenizerInfo, seq_len: int, dtype: str, shards: list[dict],
               records: list[dict], flags: dict, part: int, parts: int, n_all: int) -> dict:
-    docs: Counter[str] = Counter()
+    docs = {"in": 0, "kept": 0, "skipped": 0}
     reasons: Counter[str] = Counter()
     for r in records:
         for k in ("in", "kept", "skipped"):
@@ -303,7 +303,7 @@ def _manifest(tok: TokenizerInfo, seq_len: int, dtype: str, shards: list[dict],
                       "origin": tok.origin, **tok.extra},
         "shards": shards,
         "splits": split_totals(shards),
-        "documents": {**dict(docs), "skipped_by_reason": dict(sorted(reasons.items()))},
+        "documents": {**docs, "skipped_by_reason": dict(sorted(reasons.items()))},
         "content_tokens": sum(r["tokens"] for r in records),
         "remainder_tokens": sum(sum(r["remainder_tokens"].values()) for r in records),
         "sources": records,

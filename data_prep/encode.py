@@ -49,6 +49,7 @@ def _load(tokenizer_file: str) -> Any:
     tok = Tokenizer.from_file(tokenizer_file)
     tok.no_truncation()
     tok.no_padding()
+    tok.encode_special_tokens = True  # a literal "[MASK]" in a document is text, not a mask id
     return tok
 
 

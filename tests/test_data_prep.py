@@ -266,13 +266,19 @@ def test_parts_and_merge_hold_the_same_samples(tmp_path):
     assert verify_shards(str(parted)) == []
 
 
-def test_merge_refuses_a_missing_part(tmp_path):
+def test_merge_refuses_a_missing_part_and_takes_an_empty_one(tmp_path):
     files = [write_lines(tmp_path / f"f{i}.txt", docs(40, i)) for i in range(2)]
     tok = tmp_path / "tok"
     train_tokenizer(files, str(tok), vocab_size=100)
-    build_shards(files, str(tmp_path / "p"), seq_len=16, tokenizer_dir=str(tok), part=0, parts=2)
+    kw = dict(seq_len=16, tokenizer_dir=str(tok), parts=3)
+    build_shards(files, str(tmp_path / "p"), part=0, **kw)
+    empty = build_shards(files, str(tmp_path / "p"), part=2, **kw)  # 2 files, 3 parts: no files
+    assert empty["shards"] == [] and empty["documents"]["in"] == 0
     with pytest.raises(DataPrepError, match=r"missing \[1\]"):
         merge_parts(str(tmp_path / "p"))
+    build_shards(files, str(tmp_path / "p"), part=1, **kw)
+    merged = merge_parts(str(tmp_path / "p"))
+    assert merged["documents"]["in"] == 80 and len(merged["sources"]) == 2
 
 
 def test_rerun_after_crash_restarts_cleanly(corpus, built, tmp_path):
@@ -359,3 +365,15 @@ def test_shard_bounds_in_bytes(corpus, tmp_path):
         assert s["bytes"] == os.path.getsize(tmp_path / "o" / s["name"]) <= 30_000
     counts = collections.Counter(s["samples"] for s in m["shards"][:-1])
     assert len(counts) == 1  # every full shard holds the same number of samples
+
+
+def test_special_token_text_in_documents_stays_text(tmp_path, word_tokenizer):
+    src = write_lines(tmp_path / "a.txt", ["kan lon [MASK] min [SEP] tun [CLS] ven [PAD] ran"] * 20)
+    m = build_shards([src], str(tmp_path / "o"), seq_len=16, tokenizer_dir=word_tokenizer,
+                     val_fraction=0.0)
+    sp = m["tokenizer"]["special_ids"]
+    rows = rows_of(tmp_path / "o", "train")
+    assert rows and all(r[0] == sp["cls"] and r[-1] == sp["sep"] for r in rows)
+    inner = [t for r in rows for t in r[1:-1]]
+    assert sp["mask"] not in inner and sp["cls"] not in inner and sp["pad"] not in inner
+    assert inner.count(sp["sep"]) <= 20  # only the separators between documents
