@@ -94,6 +94,14 @@ class _SourceStats:
                 "error": self.error}
 
 
+def _fingerprint(st: _SourceStats) -> tuple[str | None, int | None]:
+    try:
+        return source_fingerprint(st.source)
+    except OSError as e:  # only reachable with skip_bad: the reading pass failed on it too
+        st.error = st.error or f"{st.source.path}: cannot read: {e}"
+        return None, None
+
+
 def _documents(sources: list[Source], stats: list[_SourceStats] | None, skip_bad: bool,
                opts: dict) -> Iterator[tuple[int, str | None]]:
     """(source index, text) of every good document; (index, None) at the end of each source.
@@ -257,7 +265,7 @@ def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: i
                 bar.update(len(is_val))
                 bar.set_postfix_str(f"{n_tokens / dt:,.0f} tokens/s", refresh=False)
         shards = writers["train"].close() + writers["val"].close()
-        records = [st.record(*source_fingerprint(st.source)) for st in stats]
+        records = [st.record(*_fingerprint(st)) for st in stats]
         kept = sum(r["documents"]["kept"] for r in records)
         if kept == 0 and (sources or parts == 1):
             seen = sum(r["documents"]["in"] for r in records)

@@ -85,14 +85,18 @@ def test_skip_bad_skips_and_counts(tmp_path, name, fname, data, pattern, reason)
     assert m["documents"]["skipped"] == d["skipped"]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux /proc")
 def test_unreadable_file(tmp_path):
-    src = tmp_path / "locked.txt"
-    src.write_text("hello world\n")
-    os.chmod(src, 0)
-    if os.access(src, os.R_OK):
-        pytest.skip("running as root: permissions do not stop reading")
-    with pytest.raises(BadInputError, match=r"locked\.txt: cannot read"):
+    src = tmp_path / "io_error.txt"  # opens, then every read fails with EIO (even as root)
+    src.symlink_to("/proc/self/mem")
+    with pytest.raises(BadInputError, match=r"io_error\.txt:1: read error"):
         build_shards([str(src)], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+    assert not (tmp_path / "out").exists()
+    ok = write(tmp_path / "ok.txt", good_lines())
+    m = build_shards([str(src), ok], str(tmp_path / "out"), seq_len=16, vocab_size=60, skip_bad=True)
+    bad = next(s for s in m["sources"] if s["path"] == str(src))
+    assert "io_error.txt" in bad["error"] and bad["documents"]["in"] == 0 and bad["sha256"] is None
+    assert m["documents"]["kept"] == 60
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
