@@ -19,8 +19,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config, candidates_per_micro_step, load_config
+from pipeline.config import Config, ConfigError, candidates_per_micro_step, load_config
 from pipeline.distributed import DistInfo, all_reduce_max, init_distributed, shutdown
+from pipeline.manifest import DataError
 from pipeline.run_setup import Progress, RunParts, build_run, check_finite, lr_at
 
 log = logging.getLogger("pipeline.train")
@@ -29,6 +30,15 @@ log = logging.getLogger("pipeline.train")
 def train(cfg: Config, info: DistInfo) -> dict[str, float]:
     """The whole run; returns the last eval metrics. Resumes from out_dir's newest checkpoint."""
     run: RunParts = build_run(cfg, info)
+    try:
+        return _train(run)
+    except BaseException:
+        run.tracker.close(status="FAILED")  # the MLflow run shows the crash; the journal keeps every metric
+        raise
+
+
+def _train(run: RunParts) -> dict[str, float]:
+    cfg, info = run.cfg, run.info
     engine, selector, progress, tracker = run.engine, run.selector, run.progress, run.tracker
     t = cfg.train
     m, candidates, world = t.micro_batch, candidates_per_micro_step(cfg), info.world_size
@@ -186,13 +196,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.set)  # every config error surfaces before any compute
+    try:
+        cfg = load_config(args.config, args.set)  # every config error surfaces before any compute
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     info = init_distributed()
     setup_logging(info.rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
         train(cfg, info)
+    except (ConfigError, DataError) as err:  # bad input, found before any training step
+        log.error("%s", err)
+        return 2
     finally:
         shutdown()
     return 0
