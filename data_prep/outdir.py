@@ -37,16 +37,17 @@ def _mine(name: str, part: int, parts: int) -> bool:
     tag = part_tag(part, parts)
     if re.match(rf"^(train|val)-{tag}\d{{6}}\.tar(\.tmp)?$", name):
         return True
-    if name.startswith(".tokenizer.tmp-"):
-        return True
     if parts == 1:
-        return name in (MANIFEST, MANIFEST + ".tmp", TOKENIZER_DIR, marker_name(part, parts))
+        return name in (MANIFEST, MANIFEST + ".tmp", TOKENIZER_DIR, marker_name(part, parts)) \
+            or name.startswith(".tokenizer.tmp-")
     return name in (part_manifest_name(part, parts), part_manifest_name(part, parts) + ".tmp",
                     marker_name(part, parts))
 
 
 def _other_part(name: str) -> bool:
-    return bool(_ANY_SHARD.match(name) or _ANY_PART.match(name)) or name == TOKENIZER_DIR
+    """Files any part of a multi-part build writes (a part placing the shared tokenizer, too)."""
+    return (bool(_ANY_SHARD.match(name) or _ANY_PART.match(name)) or name == TOKENIZER_DIR
+            or name.startswith(".tokenizer.tmp-"))
 
 
 def _remove(path: str) -> None:

@@ -271,6 +271,7 @@ def test_merge_refuses_a_missing_part_and_takes_an_empty_one(tmp_path):
     tok = tmp_path / "tok"
     train_tokenizer(files, str(tok), vocab_size=100)
     kw = dict(seq_len=16, tokenizer_dir=str(tok), parts=3)
+    (tmp_path / "p" / ".tokenizer.tmp-99999").mkdir(parents=True)  # another part placing it now
     build_shards(files, str(tmp_path / "p"), part=0, **kw)
     empty = build_shards(files, str(tmp_path / "p"), part=2, **kw)  # 2 files, 3 parts: no files
     assert empty["shards"] == [] and empty["documents"]["in"] == 0
