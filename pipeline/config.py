@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-POLICIES = ("vanilla", "random", "sift", "exact", "selective_backprop")
+POLICIES = ("vanilla", "random", "sift", "exact", "selective_backprop", "sift_resid")
 PRESETS = ("tiny", "mini", "base", "large")
 
 
@@ -77,7 +77,7 @@ class TrainConfig:
 
 @dataclass
 class SelectConfig:
-    policy: str = "vanilla"  # vanilla | random | sift | exact | selective_backprop
+    policy: str = "vanilla"  # vanilla | random | sift | exact | selective_backprop | sift_resid (selection.py)
     oversample: int = 2  # candidates per micro-step = micro_batch * oversample
     exit_layer: int = 1  # blocks run for scoring (sift); exact uses num_layers
     sb_beta: float = 1.0  # selective_backprop: keep prob = percentile ** beta

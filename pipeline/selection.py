@@ -33,6 +33,27 @@ def topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[:k]).values
 
 
+def unigram_residual_scores(scores: torch.Tensor, unigram_ce: torch.Tensor) -> torch.Tensor:
+    """Scores with their linear dependence on token rarity removed (policy sift_resid).
+
+    `unigram_ce` (B,) is each sample's mean unigram cross-entropy of its masked tokens. Early in
+    MLM training the per-sample loss is mostly that rarity, so top-k by loss keeps rare-word
+    batches (docs/RESULTS.md). Returns loss - (a + b * unigram_ce) with a, b the least-squares fit
+    over this batch's finite scores, so the kept samples are those more surprising than their
+    words' rarity predicts; samples without masked tokens stay at -inf."""
+    finite = torch.isfinite(scores)
+    out = torch.full_like(scores, float("-inf"))
+    if int(finite.sum()) < 2:
+        out[finite] = 0.0
+        return out
+    y, x = scores[finite].double(), unigram_ce[finite].double()
+    x_centered = x - x.mean()
+    denom = float((x_centered * x_centered).sum())
+    slope = float((x_centered * (y - y.mean())).sum()) / denom if denom > 0 else 0.0
+    out[finite] = (y - y.mean() - slope * x_centered).to(scores.dtype)
+    return out
+
+
 def random_keep(batch_size: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """A uniform random subset of k samples (controls for the data that oversampling consumes)."""
     if not 0 < k <= batch_size:

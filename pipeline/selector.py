@@ -55,7 +55,12 @@ class Selector:
             start = time.perf_counter()
             loss, count = exit_layer_losses(mlm, batch["input_ids"], labels, self.exit_layer)
             scores = selection.selection_scores(loss, count)
-            if self.cfg.policy == "selective_backprop":
+            if self.cfg.policy == "sift_resid":
+                token_ce = -(self.unigram / self.unigram.sum()).log()[labels[labels >= 0]].float()
+                rarity, _ = selection.per_sample_loss(token_ce, (labels >= 0).nonzero(as_tuple=True)[0],
+                                                      labels.shape[0])
+                keep = selection.topk_keep(selection.unigram_residual_scores(scores, rarity), self.m)
+            elif self.cfg.policy == "selective_backprop":
                 keep = selection.selective_backprop_keep(scores, self.history, self.cfg.sb_beta, self.m,
                                                          self.generator)
                 self.history = selection.update_history(self.history, scores, self.cfg.sb_history)

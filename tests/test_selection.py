@@ -85,3 +85,24 @@ def test_overlap_and_spearman():
     assert selection.spearman(exact ** 3, exact) == pytest.approx(1.0)
     assert selection.spearman(-exact, exact) == pytest.approx(-1.0)
     assert selection.spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.866, abs=1e-3)
+
+
+def test_unigram_residual_removes_the_rarity_trend_and_keeps_the_surprising_samples():
+    rarity = torch.arange(1.0, 9.0)  # mean unigram CE of each sample's masked tokens
+    surprise = torch.tensor([1.0, -1.0] * 4)  # +1: harder than its words' rarity predicts
+    scores = 2.0 * rarity + surprise
+    assert selection.topk_keep(scores, 4).tolist() == [4, 5, 6, 7]  # plain top-k: the rarest words
+    residual = selection.unigram_residual_scores(scores, rarity)
+    assert selection.topk_keep(residual, 4).tolist() == [0, 2, 4, 6]
+    assert abs(float(residual.sum())) < 1e-5
+    linear = selection.unigram_residual_scores(3.0 - 0.5 * rarity, rarity)
+    assert torch.allclose(linear, torch.zeros(8), atol=1e-5)  # nothing beyond rarity: all equal
+
+
+def test_unigram_residual_keeps_samples_without_masked_tokens_last():
+    scores = torch.tensor([float("-inf"), 2.0, 5.0, float("-inf")])
+    residual = selection.unigram_residual_scores(scores, torch.tensor([0.0, 1.0, 2.0, 0.0]))
+    assert torch.isinf(residual[[0, 3]]).all() and (residual[[0, 3]] < 0).all()
+    assert selection.topk_keep(residual, 2).tolist() == [1, 2]
+    single = selection.unigram_residual_scores(torch.tensor([float("-inf"), 4.0]), torch.tensor([0.0, 3.0]))
+    assert single.tolist() == [float("-inf"), 0.0]

@@ -85,3 +85,14 @@ def test_mlflow_ui_compare_page_shows_the_runs_and_metric(tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(UICheckError, match="no metric train/loss"):
         check_ui(store, "ui-check", "train/loss", None)
+
+
+def test_sift_resid_policy_trains_and_logs_the_kept_batch_rarity(tiny_data, tmp_path, dist_info):
+    from pipeline.train import train
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_data, tmp_path, "select.policy=sift_resid", "train.max_steps=3", "train.export=false")
+    train(cfg, dist_info)
+    series = read_journal(tmp_path)
+    assert [s for s, _ in series["select/kept_unigram_ce"]] == [1, 2, 3]
+    assert all(math.isfinite(v) for _, v in series["select/kept_loss"])

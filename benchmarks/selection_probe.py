@@ -1,0 +1,114 @@
+"""Offline measurements of a selection rule on a checkpoint: approximation quality and kept-batch bias.
+
+    python benchmarks/selection_probe.py --checkpoint runs/study/warm --config configs/study.yaml \
+        --data data/study-s64-v4096 --batches 20 --oversample 2 4 --json out.json
+
+For candidate batches of m * oversample samples from the train stream (fixed masks, seed 0) it
+scores every candidate with the exit-layer loss at each k = 1..L (L = exact) and reports, per k and
+oversample: Spearman rank correlation with the exact loss, top-m overlap with exact top-m, and the
+mean unigram cross-entropy of the masked tokens in the kept top-m vs the whole pool (unigram counts
+from the same stream: the rare-word bias the issue-7 pilots saw). Forward passes only (no_grad).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import selection  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import MaskSpec, train_loader  # noqa: E402
+from pipeline.manifest import Manifest  # noqa: E402
+from pipeline.model import build_model  # noqa: E402
+from pipeline.run_setup import load_module_weights  # noqa: E402
+from pipeline.scoring import exit_layer_losses  # noqa: E402
+
+
+def unigram_log_probs(manifest: Manifest, spec: MaskSpec, batches: int, batch: int) -> torch.Tensor:
+    counts = torch.ones(manifest.vocab_size, dtype=torch.float64)
+    loader, _ = train_loader(manifest, spec, batch=batch, epoch=0, seed=1, rank=0, world=1, start=0,
+                             shuffle_buffer=2000, strict=False, num_workers=0)
+    for i, b in enumerate(loader):
+        if i >= batches:
+            break
+        targets = b["labels"][b["labels"] >= 0]
+        counts += torch.bincount(targets, minlength=manifest.vocab_size).double()
+    return (counts / counts.sum()).log()
+
+
+def mean_unigram_ce(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    targets = labels[labels >= 0]
+    return float(-log_probs[targets].mean()) if targets.numel() else math.nan
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    cfg = load_config(str(args.config), [f"data.dir={args.data}"])
+    manifest = Manifest.load(str(args.data))
+    spec = MaskSpec(cfg.data.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
+                    tuple(sorted(set(manifest.special_ids.values()))))
+    model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
+    load_module_weights(model, str(args.checkpoint))
+    mlm = model.mlm.eval()
+    layers = mlm.config.num_hidden_layers
+    log_probs = unigram_log_probs(manifest, spec, 200, 64)
+    m = cfg.train.micro_batch
+    rows = []
+    for oversample in args.oversample:
+        loader, _ = train_loader(manifest, spec, batch=m * oversample, epoch=0, seed=0, rank=0, world=1, start=0,
+                                 shuffle_buffer=2000, strict=False, num_workers=0)
+        acc = {k: {"spearman": [], "overlap": [], "kept_ce": []} for k in range(0, layers + 1)}
+        pool_ce = []
+        for i, batch in enumerate(loader):
+            if i >= args.batches:
+                break
+            labels = batch["labels"]
+            pool_ce.append(mean_unigram_ce(log_probs, labels))
+            scores = {}
+            for k in range(0, layers + 1):
+                loss, count = exit_layer_losses(mlm, batch["input_ids"], labels, k)
+                scores[k] = selection.selection_scores(loss, count)
+            exact = scores[layers]
+            finite = torch.isfinite(exact)
+            for k, s in scores.items():
+                acc[k]["spearman"].append(selection.spearman(s[finite], exact[finite]))
+                acc[k]["overlap"].append(selection.topk_overlap(s, exact, m))
+                acc[k]["kept_ce"].append(mean_unigram_ce(log_probs, labels[selection.topk_keep(s, m)]))
+        pool = sum(pool_ce) / len(pool_ce)
+        for k, a in acc.items():
+            rows.append({"oversample": oversample, "exit_layer": k, "exact": k == layers,
+                         "spearman": sum(a["spearman"]) / len(a["spearman"]),
+                         "topk_overlap": sum(a["overlap"]) / len(a["overlap"]),
+                         "kept_unigram_ce": sum(a["kept_ce"]) / len(a["kept_ce"]), "pool_unigram_ce": pool})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="run dir or checkpoint step dir")
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "study.yaml")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--oversample", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = measure(args)
+    print("| oversample | exit layer | Spearman vs exact | top-m overlap | kept unigram CE | pool unigram CE |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['oversample']} | {r['exit_layer']}{' (exact)' if r['exact'] else ''} | {r['spearman']:.3f} | "
+              f"{r['topk_overlap']:.3f} | {r['kept_unigram_ce']:.3f} | {r['pool_unigram_ce']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
