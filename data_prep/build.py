@@ -211,9 +211,12 @@ def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: i
     ``progress=None`` shows a progress bar only when stderr is a terminal. See docs/DATA_PREP.md.
     """
     t_start = time.perf_counter()
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    out_dir = os.fspath(out_dir)
+    tokenizer_dir = os.fspath(tokenizer_dir) if tokenizer_dir is not None else None
     _check_flags(seq_len, vocab_size, tokenizer_dir, val_fraction, workers, part, parts,
                  doc_separator)
-    all_sources = expand_inputs(list(inputs), input_format)
+    all_sources = expand_inputs(inputs, input_format)
     sources = [s for i, s in enumerate(all_sources) if i % parts == part]
     opts = {"text_field": text_field, "text_column": text_column, "doc_separator": doc_separator}
     splitter = ValSplit(val_fraction, seed)
@@ -342,9 +345,11 @@ def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int, val_fra
     ``out_dir`` (for ``--parts`` builds, which must share one tokenizer). Returns its identity."""
     if doc_separator not in DOC_SEPARATORS:
         raise DataPrepError(f"--doc-separator {doc_separator!r}: must be one of {DOC_SEPARATORS}")
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise DataPrepError(f"--out {out_dir} is not empty: use a new directory or remove this one")
-    sources = expand_inputs(list(inputs), input_format)
+    sources = expand_inputs(inputs, input_format)
     opts = {"text_field": text_field, "text_column": text_column, "doc_separator": doc_separator}
     info = _get_tokenizer(sources, vocab_size, None, skip_bad, opts, ValSplit(val_fraction, seed),
                           lowercase)

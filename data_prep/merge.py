@@ -73,6 +73,8 @@ def merge_parts(out_dir: str) -> dict:
             reasons[r] = reasons.get(r, 0) + n
     if docs["kept"] == 0:
         raise DataPrepError(f"{out_dir}: empty corpus: no part kept any document")
+    if not any(s["split"] == "train" for s in shards):
+        raise DataPrepError(f"{out_dir}: corpus too small: the parts hold no training sequence")
     flags = {k: v for k, v in first["tool"]["flags"].items() if k != "part"}
     merged = {**first,
               "shards": shards, "splits": split_totals(shards),
