@@ -94,6 +94,8 @@ class SkipCounter:
         """Tar-level errors (webdataset calls this): the samples they cost are counted per shard."""
         where = "; ".join(str(arg) for arg in exn.args if isinstance(arg, str)) or repr(exn)
         if self.strict:
+            if isinstance(exn, CorruptSampleError):  # raised here before, on its way up through webdataset
+                raise exn
             raise CorruptSampleError(f"corrupt shard data: {where} (data.strict=true)") from exn
         log.warning("corrupt shard data, skipped: %s", where)
         return True
@@ -123,14 +125,25 @@ class SkipCounter:
 def _count_per_shard(urls: list[str], expected: dict[str, int], handler: SkipCounter):
     """A webdataset stage: passes samples through and checks each shard's count against the manifest
     (Python's tarfile ends a damaged archive silently, so a short count is the only sign)."""
+    position = {url: i for i, url in enumerate(urls)}
+
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
-        counts = dict.fromkeys(urls, 0)
+        counts, checked = dict.fromkeys(urls, 0), 0
+
+        def check_before(index: int) -> None:  # shards are read in order: those before `index` are done
+            nonlocal checked
+            for url in urls[checked:index]:
+                if url in expected and counts[url] != expected[url]:
+                    handler.short_shard(url, counts[url], expected[url])
+            checked = max(checked, index)
+
         for sample in samples:
-            counts[sample.get("__url__", "?")] = counts.get(sample.get("__url__", "?"), 0) + 1
+            url = sample.get("__url__")
+            if url in position:
+                check_before(position[url])
+                counts[url] += 1
             yield sample
-        for url in urls:
-            if url in expected and counts[url] != expected[url]:
-                handler.short_shard(url, counts[url], expected[url])
+        check_before(len(urls))
     return stage
 
 

@@ -1,0 +1,106 @@
+"""Helpers for the fault tests: small shard dirs to damage, hand-made tars, journal readers."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import REPO, clean_env, write_corpus
+
+
+def build_small_data(root: Path, documents: int = 120) -> Path:
+    """~8 train shards of 16 samples (seq_len 32) and one val shard: an epoch is a few steps."""
+    from data_prep.build import build_shards
+
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = write_corpus(root / "corpus.txt", documents=documents, seed=3)
+    out = root / "shards"
+    build_shards([str(corpus)], str(out), seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16)
+    return out
+
+
+def copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def read_manifest(data_dir: Path) -> dict:
+    return json.loads((data_dir / "manifest.json").read_text())
+
+
+def write_manifest(data_dir: Path, manifest: dict) -> None:
+    (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def refresh_shard_entry(data_dir: Path, name: str) -> None:
+    """Make the manifest's bytes/sha256 of a shard match the file again (a consistent but bad shard)."""
+    manifest = read_manifest(data_dir)
+    data = (data_dir / name).read_bytes()
+    for shard in manifest["shards"]:
+        if shard["name"] == name:
+            shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    write_manifest(data_dir, manifest)
+
+
+def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def tar_samples(path: Path) -> list[tuple[str, np.ndarray]]:
+    """(key, ids) of a good shard, read with tarfile directly (independent of the loader)."""
+    out = []
+    with tarfile.open(path) as tf:
+        for member in tf.getmembers():
+            data = tf.extractfile(member).read()
+            out.append((member.name.split(".")[0], np.load(io.BytesIO(data), allow_pickle=False)))
+    return out
+
+
+def journal(out_dir: Path, key: str) -> dict[int, list[float]]:
+    """Every value the run journaled for `key`, by step (a step re-run after a resume appears twice)."""
+    values: dict[int, list[float]] = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("key") == key:
+            values.setdefault(int(record["step"]), []).append(float(record["value"]))
+    return values
+
+
+def train_cmd(data: Path, out: Path, *overrides: str, entry: str = "pipeline.train") -> list[str]:
+    cmd = [sys.executable, "-m", entry, "--config", str(REPO / "configs/tiny.yaml"),
+           "--set", f"data.dir={data}", "--set", f"train.out_dir={out}",
+           "--set", f"tracking.uri=sqlite:///{out}/mlflow.db", "--set", f"tracking.artifact_location={out}/artifacts"]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run_ok(cmd: list[str], log: Path | None = None, **env: str) -> str:
+    result = subprocess.run(cmd, env=clean_env(**env), capture_output=True, text=True, cwd=REPO, timeout=600)
+    if log is not None:
+        log.write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
+
+
+def no_stray_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FAULT_")}

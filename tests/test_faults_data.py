@@ -1,0 +1,158 @@
+"""Truncated and corrupt shards: skipped and counted by default (data/skipped_corrupt in MLflow), a
+rank whose stream comes up short repeats it (data/repeated_samples, and a warning), and
+data.strict=true fails naming the shard. Shard integrity against the manifest's sha256 is data_prep's
+`inspect --verify` (tests/test_data_prep.py::test_inspect_verify_catches_a_corrupted_shard)."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import (CandidateBatches, CorruptSampleError, DataFaults, MaskSpec, SkipCounter, shard_stream,
+                           train_loader)
+from pipeline.manifest import DataError, Manifest
+from tests.conftest import tiny_config
+from tests.fault_helpers import build_small_data, copy_data, journal
+
+MEMBER = 1024  # one seq_len-32 uint16 sample in a tar: a 512-byte header, the .npy padded to 512
+
+
+def truncate(path: Path, keep: int) -> None:
+    """Cut the shard inside the data of sample `keep` (a copy cut short, a disk that filled up)."""
+    path.write_bytes(path.read_bytes()[:keep * MEMBER + 700])
+
+
+def garble_header(path: Path, sample: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[sample * MEMBER:sample * MEMBER + 512] = random.Random(sample).randbytes(512)
+    path.write_bytes(bytes(data))
+
+
+def garble_payload(path: Path, sample: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[sample * MEMBER + 512:sample * MEMBER + 528] = b"\x00" * 16  # the .npy magic and header start
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {"truncated": (truncate, 6, 10), "garbage header": (garble_header, 3, 13),
+          "garbage payload": (garble_payload, 5, 1)}  # name: (how, where, samples lost of 16)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    data = build_small_data(tmp_path_factory.mktemp("small"))
+    first = (data / "train-000000.tar").read_bytes()
+    assert first[512:518] == b"\x93NUMPY" and first[MEMBER + 512:MEMBER + 518] == b"\x93NUMPY"  # the layout above
+    return data
+
+
+def damaged(small: Path, dst: Path, *kinds: str) -> tuple[Path, dict[str, str]]:
+    """A copy of `small` with train shards 1, 3, 5, ... damaged as named; returns {kind: shard path}."""
+    data = copy_data(small, dst)
+    where = {}
+    for index, kind in zip((1, 3, 5), kinds):
+        how, arg, _ = DAMAGE[kind]
+        path = data / f"train-{index:06d}.tar"
+        how(path, arg)
+        where[kind] = str(path)
+    return data, where
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_shard_loses_only_its_broken_samples_and_counts_them(small, tmp_path, kind):
+    data, where = damaged(small, tmp_path / "d", kind)
+    url, lost = where[kind], DAMAGE[kind][2]
+    handler = SkipCounter(strict=False)
+    samples = list(shard_stream([url], 32, 10_000, handler, expected={url: 16}))
+    assert (len(samples), handler.skipped) == (16 - lost, lost)
+    with pytest.raises(CorruptSampleError, match=f"{url}.*data.strict=true"):
+        list(shard_stream([url], 32, 10_000, SkipCounter(strict=True), expected={url: 16}))
+
+
+def spec_of(manifest: Manifest) -> MaskSpec:
+    return MaskSpec(0.15, manifest.vocab_size, manifest.special_ids["mask"], tuple(sorted(manifest.special_ids.values())))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_short_stream_is_repeated_counted_and_logged_with_any_worker_count(small, tmp_path, caplog, workers):
+    data, _ = damaged(small, tmp_path / "d", "truncated")
+    manifest = Manifest.load(str(data))
+    loader, dataset = train_loader(manifest, spec_of(manifest), batch=8, epoch=0, seed=0, rank=0, world=1, start=0,
+                                   shuffle_buffer=16, strict=False, num_workers=workers)
+    faults = DataFaults()
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        batches = [faults.update(batch) for batch in loader]
+    assert len(batches) == dataset.steps == manifest.split_samples("train") // 8
+    readable = manifest.split_samples("train") - 10
+    assert (faults.skipped, faults.repeated) == (10, dataset.steps * 8 - readable)
+    if workers == 0:
+        assert "stream short by" in caplog.text and "repeating it" in caplog.text
+        assert "readable samples, the manifest says 16" in caplog.text
+
+
+def test_fault_counts_are_not_counted_twice_after_a_resume(small, tmp_path):
+    data, _ = damaged(small, tmp_path / "d", "truncated", "garbage header")
+    manifest = Manifest.load(str(data))
+
+    def batches(start: int):
+        return iter(CandidateBatches(manifest, spec_of(manifest), batch=8, epoch=0, seed=0, rank=0, world=1,
+                                     start=start, shuffle_buffer=16, strict=False))
+
+    straight = DataFaults()
+    total = sum(1 for batch in batches(0) if straight.update(batch))
+    first = DataFaults()
+    for _, batch in zip(range(5), batches(0)):
+        first.update(batch)
+    resumed = DataFaults(**asdict(first))  # as saved in the rank's checkpoint state
+    assert sum(1 for batch in batches(5) if resumed.update(batch)) == total - 5
+    listed = manifest.split_samples("train")
+    assert (resumed.skipped, resumed.repeated) == (straight.skipped, straight.repeated) == (23, 8 * total - (listed - 23))
+
+
+def test_training_skips_corrupt_samples_and_mlflow_gets_the_counts(small, tmp_path, dist_info, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train import train
+
+    data, where = damaged(small, tmp_path / "d", *DAMAGE)
+    out = tmp_path / "run"
+    cfg = tiny_config(data, out, "train.max_steps=15", "train.ckpt_every=5", "train.eval_every=5", "train.export=false")
+    listed = Manifest.load(str(data)).split_samples("train")
+    assert listed // 8 == 15  # max_steps is one epoch
+    with caplog.at_level("WARNING"):
+        train(cfg, dist_info)
+    assert sorted(journal(out, "train/loss")) == list(range(1, 16))  # training went on
+    for path in where.values():
+        assert path in caplog.text  # each damaged shard is named in a warning
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    skipped = {m.step: m.value for m in client.get_metric_history(run_id, "data/skipped_corrupt")}
+    repeated = {m.step: m.value for m in client.get_metric_history(run_id, "data/repeated_samples")}
+    assert sorted(skipped) == sorted(repeated) == [5, 10, 15]  # logged at every checkpoint
+    assert skipped[15] == 10 + 13 + 1 and repeated[15] == 15 * 8 - (listed - 24)
+
+
+def test_strict_mode_fails_naming_the_shard(small, tmp_path, dist_info, monkeypatch):
+    import deepspeed
+
+    from pipeline.run_setup import build_run
+    from pipeline.train import train
+
+    data, where = damaged(small, tmp_path / "d", "truncated")  # a size unlike the manifest's: found at start
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: pytest.fail("deepspeed.initialize was reached"))
+    cfg = tiny_config(data, tmp_path / "r1", "data.strict=true")
+    with pytest.raises(DataError, match=f"{where['truncated']}: .* bytes, the manifest says .*data.strict=true"):
+        build_run(cfg, dist_info)
+    monkeypatch.undo()
+
+    data, where = damaged(small, tmp_path / "d2", "truncated", "garbage header")  # a header garbled mid-shard
+    manifest = json.loads((data / "manifest.json").read_text())
+    for shard in manifest["shards"]:  # the manifest agrees on sizes: only reading finds the damage
+        shard["bytes"] = (data / shard["name"]).stat().st_size
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny_config(data, tmp_path / "r2", "data.strict=true", "train.max_steps=15", "train.export=false")
+    with pytest.raises(CorruptSampleError, match=r"train-00000[13]\.tar.*data\.strict=true"):
+        train(cfg, dist_info)
