@@ -5,9 +5,11 @@
 
 For candidate batches of m * oversample samples from the train stream (fixed masks, seed 0) it
 scores every candidate with the exit-layer loss at each k = 1..L (L = exact) and reports, per k and
-oversample: Spearman rank correlation with the exact loss, top-m overlap with exact top-m, and the
+oversample: Spearman rank correlation with the exact loss and with the samples' token rarity, top-m
+overlap with exact top-m, and the
 mean unigram cross-entropy of the masked tokens in the kept top-m vs the whole pool (unigram counts
-from the same stream: the rare-word bias the issue-7 pilots saw). Forward passes only (no_grad).
+from the same stream: the rare-word bias the issue-7 pilots saw), for top-m by loss (sift) and by
+the rarity residual (sift_resid). Forward passes only (no_grad).
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for oversample in args.oversample:
         loader, _ = train_loader(manifest, spec, batch=m * oversample, epoch=0, seed=0, rank=0, world=1, start=0,
                                  shuffle_buffer=2000, strict=False, num_workers=0)
-        acc = {k: {"spearman": [], "overlap": [], "kept_ce": []} for k in range(0, layers + 1)}
+        acc = {k: {"spearman": [], "overlap": [], "kept_ce": [], "rarity_rho": [], "kept_ce_resid": []}
+               for k in range(0, layers + 1)}
         pool_ce = []
         for i, batch in enumerate(loader):
             if i >= args.batches:
@@ -76,16 +79,23 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 scores[k] = selection.selection_scores(loss, count)
             exact = scores[layers]
             finite = torch.isfinite(exact)
+            token_ce = -log_probs[labels[labels >= 0]].float()
+            rarity, _ = selection.per_sample_loss(token_ce, (labels >= 0).nonzero(as_tuple=True)[0], labels.shape[0])
             for k, s in scores.items():
                 acc[k]["spearman"].append(selection.spearman(s[finite], exact[finite]))
                 acc[k]["overlap"].append(selection.topk_overlap(s, exact, m))
                 acc[k]["kept_ce"].append(mean_unigram_ce(log_probs, labels[selection.topk_keep(s, m)]))
+                acc[k]["rarity_rho"].append(selection.spearman(s[finite], rarity[finite]))
+                resid = selection.unigram_residual_scores(s, rarity)
+                acc[k]["kept_ce_resid"].append(mean_unigram_ce(log_probs, labels[selection.topk_keep(resid, m)]))
         pool = sum(pool_ce) / len(pool_ce)
         for k, a in acc.items():
             rows.append({"oversample": oversample, "exit_layer": k, "exact": k == layers,
                          "spearman": sum(a["spearman"]) / len(a["spearman"]),
                          "topk_overlap": sum(a["overlap"]) / len(a["overlap"]),
-                         "kept_unigram_ce": sum(a["kept_ce"]) / len(a["kept_ce"]), "pool_unigram_ce": pool})
+                         "kept_unigram_ce": sum(a["kept_ce"]) / len(a["kept_ce"]), "pool_unigram_ce": pool,
+                         "rarity_spearman": sum(a["rarity_rho"]) / len(a["rarity_rho"]),
+                         "kept_unigram_ce_resid": sum(a["kept_ce_resid"]) / len(a["kept_ce_resid"])})
     return rows
 
 
@@ -100,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = measure(args)
-    print("| oversample | exit layer | Spearman vs exact | top-m overlap | kept unigram CE | pool unigram CE |")
-    print("|---|---|---|---|---|---|")
+    print("| oversample | exit layer | Spearman vs exact | top-m overlap | Spearman vs rarity | kept unigram CE "
+          "(sift) | kept unigram CE (sift_resid) | pool unigram CE |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['oversample']} | {r['exit_layer']}{' (exact)' if r['exact'] else ''} | {r['spearman']:.3f} | "
-              f"{r['topk_overlap']:.3f} | {r['kept_unigram_ce']:.3f} | {r['pool_unigram_ce']:.3f} |")
+              f"{r['topk_overlap']:.3f} | {r['rarity_spearman']:.3f} | {r['kept_unigram_ce']:.3f} | "
+              f"{r['kept_unigram_ce_resid']:.3f} | {r['pool_unigram_ce']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
