@@ -22,13 +22,28 @@ class Manifest:
         for key in ("seq_len", "vocab_size", "shards", "tokenizer"):
             if key not in data:
                 raise DataError(f"{self.path}: missing key {key!r}")
-        self.seq_len: int = int(data["seq_len"])
-        self.vocab_size: int = int(data["vocab_size"])
-        special = data["tokenizer"].get("special_ids", {})
+        self.seq_len: int = self._positive_int(data, "seq_len")
+        self.vocab_size: int = self._positive_int(data, "vocab_size")
+        special = data["tokenizer"].get("special_ids", {}) if isinstance(data["tokenizer"], dict) else {}
         missing = {"cls", "sep", "pad", "mask"} - set(special)
         if missing:
             raise DataError(f"{self.path}: tokenizer.special_ids lacks {sorted(missing)}")
         self.special_ids: dict[str, int] = {k: int(v) for k, v in special.items()}
+        if not isinstance(data["shards"], list):
+            raise DataError(f"{self.path}: 'shards' must be a list")
+        for index, shard in enumerate(data["shards"]):
+            ok = (isinstance(shard, dict) and isinstance(shard.get("name"), str)
+                  and shard.get("split") in ("train", "val") and isinstance(shard.get("samples"), int)
+                  and shard["samples"] >= 0)
+            if not ok:
+                raise DataError(f"{self.path}: shards[{index}] needs a name, split 'train' or 'val' and an integer "
+                                f"samples count, got {shard!r}")
+
+    def _positive_int(self, data: dict[str, Any], key: str) -> int:
+        value = data[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DataError(f"{self.path}: {key} must be a positive integer, got {value!r}")
+        return value
 
     @classmethod
     def load(cls, location: str) -> "Manifest":
