@@ -82,10 +82,12 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Barrier and destroy the group: without it a rank sometimes aborts at exit (STACK_NOTES)."""
+def shutdown(barrier: bool = True) -> None:
+    """Barrier and destroy the group: without it a rank sometimes aborts at exit (STACK_NOTES).
+    barrier=False after a failure on this rank: the others may never reach a barrier."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

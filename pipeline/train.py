@@ -27,17 +27,19 @@ from pipeline.run_setup import Progress, RunParts, build_run, check_finite, lr_a
 log = logging.getLogger("pipeline.train")
 
 
-def train(cfg: Config, info: DistInfo) -> dict[str, float]:
+def train(cfg: Config, info: DistInfo, stop: StopFlag | None = None) -> dict[str, float]:
     """The whole run; returns the last eval metrics. Resumes from out_dir's newest checkpoint."""
+    stop = stop or StopFlag()
     run: RunParts = build_run(cfg, info)
+    stop.install()  # again: a library may have taken the signals while the run was built
     try:
-        return _train(run)
+        return _train(run, stop)
     except BaseException:
         run.tracker.close(status="FAILED")  # the MLflow run shows the crash; the journal keeps every metric
         raise
 
 
-def _train(run: RunParts) -> dict[str, float]:
+def _train(run: RunParts, stop: StopFlag) -> dict[str, float]:
     cfg, info = run.cfg, run.info
     engine, selector, progress, tracker = run.engine, run.selector, run.progress, run.tracker
     t = cfg.train
@@ -45,7 +47,6 @@ def _train(run: RunParts) -> dict[str, float]:
     log.info("per optimizer step: %d ranks x %d micro-steps x %d kept of %d candidates = %d samples "
              "backpropagated, %d seen (%d tokens each)", world, t.grad_accum, m, candidates,
              m * t.grad_accum * world, candidates * t.grad_accum * world, run.manifest.seq_len)
-    stop = StopFlag()
     bar = tqdm(total=t.max_steps, initial=progress.step, disable=not info.is_main, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - progress.wall_clock_s
     last_eval: dict[str, float] = {}
@@ -162,10 +163,16 @@ def _grad_norm(engine, plain_norm: float | None) -> float:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint and exit at the next step."""
+    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint and exit at the next step.
+
+    main() creates it first thing: a signal that comes while the run starts up (imports, rendezvous,
+    loading a checkpoint) is remembered, not lost, and not fatal (USR1 would kill by default)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.install()
+
+    def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 signal.signal(sig, self._handle)
@@ -195,6 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopFlag()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)  # every config error surfaces before any compute
@@ -206,12 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        train(cfg, info)
+        train(cfg, info, stop)
     except (ConfigError, DataError) as err:  # bad input, found before any training step
         log.error("%s", err)
+        shutdown(barrier=False)
         return 2
-    finally:
-        shutdown()
+    # No barrier after a failure (an exception propagates from here): the other ranks may be
+    # healthy and inside a collective, and a barrier would hang this rank without its traceback.
+    shutdown()
     return 0
 
 
