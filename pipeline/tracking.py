@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline import tracking_journal as journal_mod
-from pipeline.tracking_scrub import env_secrets, param_values, scrub_mapping, scrub_obj
+from pipeline.tracking_scrub import env_secrets, param_values, scrub_mapping, scrub_obj, scrub_text
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,8 @@ def start_tracker(cfg: Any, run_dir: str, *, rank: int, run_name: str,
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    target = RunTarget(uri=uri, experiment=cfg.experiment, run_name=run_name,
+    # the run name is shown in the UI and stored as a tag: no secret in it either
+    target = RunTarget(uri=uri, experiment=cfg.experiment, run_name=scrub_text(run_name, env_secrets()),
                        artifact_location=resolve_artifact_location(cfg.artifact_location, uri),
                        run_id=resume_run_id)
     tracker = MlflowTracker(MlflowClient(tracking_uri=uri), run_dir, target,
