@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -100,7 +99,3 @@ def run_ok(cmd: list[str], log: Path | None = None, **env: str) -> str:
         log.write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr
-
-
-def no_stray_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FAULT_")}

@@ -55,17 +55,26 @@ def test_bad_config_fails_with_one_message_before_any_setup(tmp_path, monkeypatc
     assert err.startswith("error: ") and "Traceback" not in err and re.search(message, err), err
 
 
-def test_cli_exit_code_and_message_for_a_missing_config_and_a_missing_data_dir(tmp_path):
-    base = [sys.executable, "-m", "pipeline.train"]
-    result = subprocess.run(base + ["--config", str(tmp_path / "missing.yaml")], env=clean_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+def test_cli_exit_code_and_message_for_a_missing_config(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(tmp_path / "missing.yaml")],
+                            env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: config file {tmp_path / 'missing.yaml'}: not found"
-    result = subprocess.run(base + ["--config", str(REPO / "configs/tiny.yaml"), "--set", f"data.dir={tmp_path}/none",
-                                    "--set", f"train.out_dir={tmp_path}/out"], env=clean_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"data.dir {tmp_path}/none: no such directory" in result.stderr.strip().splitlines()[-1]
+
+
+def test_cli_exit_code_and_message_for_a_missing_data_dir(tmp_path, dist_info, monkeypatch, caplog):
+    import deepspeed
+
+    import pipeline.train as train_module
+
+    monkeypatch.setattr(train_module, "init_distributed", lambda: dist_info)  # the session's process group
+    monkeypatch.setattr(train_module, "setup_logging", lambda rank: None)
+    monkeypatch.setattr(train_module, "shutdown", lambda **kw: None)  # ... stays up for the other tests
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: pytest.fail("deepspeed.initialize was reached"))
+    argv = ["--config", str(REPO / "configs/tiny.yaml"), "--set", f"data.dir={tmp_path}/none",
+            "--set", f"train.out_dir={tmp_path}/out"]
+    assert train_module.main(argv) == 2
+    assert f"data.dir {tmp_path}/none: no such directory" in caplog.text and "Traceback" not in caplog.text
 
 
 # -- data, model, output dir, DeepSpeed JSON, checkpoints: build_run before deepspeed.initialize --
