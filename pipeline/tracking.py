@@ -83,6 +83,19 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?")[0]).resolve()
 
 
+def _create_sqlite_schema(uri: str, db: Path) -> None:
+    """Runs that start at once on a new sqlite file (a Slurm sweep) each ran MLflow's schema
+    migrations and all but one failed ("alembic ... expected to match one row"): they take turns
+    under a lock file beside the database."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 def resolve_artifact_location(configured: str, uri: str) -> str | None:
     """Where a new experiment keeps artifacts: as configured, beside a sqlite db, else server's."""
     if configured:
@@ -253,6 +266,7 @@ def start_tracker(cfg: Any, run_dir: str, *, rank: int, run_name: str,
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+        _create_sqlite_schema(uri, db)
     # the run name is shown in the UI and stored as a tag: no secret in it either
     target = RunTarget(uri=uri, experiment=cfg.experiment, run_name=scrub_text(run_name, env_secrets()),
                        artifact_location=resolve_artifact_location(cfg.artifact_location, uri),
