@@ -132,7 +132,8 @@ def _evaluate_and_log(run: RunParts, started: float) -> dict[str, float]:
 
 def _window_metrics(window: list[dict[str, float]], progress: Progress, batch: int, seq_len: int
                     ) -> dict[str, float]:
-    metrics = {key: _mean([w[key] for w in window if key in w]) for key in window[-1]}
+    keys = dict.fromkeys(key for w in window for key in w)  # probe/* is in one step's entry, not the last
+    metrics = {key: _mean([w[key] for w in window if key in w]) for key in keys}
     step_s = metrics["time/step_s"]
     metrics.update({"train/samples_per_s": batch / step_s, "train/tokens_per_s": batch * seq_len / step_s,
                     "progress/samples_seen": progress.samples_seen,

@@ -96,3 +96,16 @@ def test_sift_resid_policy_trains_and_logs_the_kept_batch_rarity(tiny_data, tmp_
     series = read_journal(tmp_path)
     assert [s for s, _ in series["select/kept_unigram_ce"]] == [1, 2, 3]
     assert all(math.isfinite(v) for _, v in series["select/kept_loss"])
+
+
+def test_probe_metrics_reach_the_log_when_log_every_is_above_one(tiny_data, tmp_path, dist_info):
+    """The probe runs on one step of a logging window; its metrics must not be dropped with it."""
+    from pipeline.train import train
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_data, tmp_path, "select.policy=sift", "train.max_steps=8", "train.log_every=4",
+                      "select.probe_every=4", "train.export=false")
+    train(cfg, dist_info)
+    series = read_journal(tmp_path)
+    assert [s for s, _ in series["probe/spearman"]] == [4, 8]
+    assert [s for s, _ in series["probe/topk_overlap"]] == [4, 8]
