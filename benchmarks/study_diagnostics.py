@@ -83,7 +83,7 @@ def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Pat
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=80)
     for name, series in sorted(runs.items()):
-        style = "-" if name.endswith("s0") else "--"
+        style = "-" if name.endswith("s0") else "--"  # seed 0 solid, others dashed
         label = name
         kept, pool = dict(series.get("select/kept_unigram_ce", [])), dict(series.get("select/pool_unigram_ce", []))
         steps = sorted(set(kept) & set(pool))
@@ -103,8 +103,9 @@ def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Pat
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[0].axhline(0, color="k", lw=0.5)
-    axes[2].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()  # every run has an eval
+    fig.legend(handles, labels, fontsize=6, ncol=1, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
