@@ -61,6 +61,7 @@ SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/log/slurmctld.log
 SlurmdLogFile={root}/log/slurmd.log
 ReturnToService=2
+SlurmdParameters=config_overrides
 MpiDefault=none
 KillWait=10
 SchedulerParameters=sched_interval=2,bf_interval=2
