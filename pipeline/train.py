@@ -47,7 +47,8 @@ def _train(run: RunParts, stop: StopFlag) -> dict[str, float]:
     log.info("per optimizer step: %d ranks x %d micro-steps x %d kept of %d candidates = %d samples "
              "backpropagated, %d seen (%d tokens each)", world, t.grad_accum, m, candidates,
              m * t.grad_accum * world, candidates * t.grad_accum * world, run.manifest.seq_len)
-    bar = tqdm(total=t.max_steps, initial=progress.step, disable=not info.is_main, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, initial=progress.step, disable=not info.is_main, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 60.0)  # a line a minute in batch logs
     started = time.perf_counter() - progress.wall_clock_s
     last_eval: dict[str, float] = {}
     window: list[dict[str, float]] = []
