@@ -63,6 +63,7 @@ class TrainConfig:
     max_seconds: float = 0.0  # wall-clock budget of training time; 0 = none
     target_accuracy: float = 0.0  # stop when eval accuracy reaches it; 0 = never
     eval_every: int = 200
+    eval_every_s: float = 0.0  # also evaluate each time this much training time has passed; 0 = off
     log_every: int = 10
     ckpt_every: int = 200  # 0 = only at the end
     keep_checkpoints: int = 2
@@ -223,6 +224,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.target_accuracy <= 1.0, "train.target_accuracy", "must be in [0, 1] (0 = none)")
     for name in ("eval_every", "log_every"):
         _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1")
+    _check(t.eval_every_s >= 0, "train.eval_every_s", "must be >= 0 (0 = by steps only)")
     _check(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0 = only at the end)")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")

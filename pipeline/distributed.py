@@ -67,6 +67,17 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
     return float(tensor.item())
 
 
+def all_reduce_flags(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Each flag true on any rank -> true on every rank (one small collective)."""
+    if info.world_size == 1:
+        return list(flags)
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in tensor.tolist()]
+
+
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1:
         import torch.distributed as dist

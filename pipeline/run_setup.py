@@ -43,6 +43,7 @@ class Progress:
     nonfinite_skipped: int = 0
     nonfinite_in_a_row: int = 0
     skipped_corrupt: int = 0  # corrupt samples skipped, all ranks (as of the last checkpoint)
+    last_eval_train_s: float = 0.0  # training time at the last eval (for train.eval_every_s)
     mlflow_run_id: str = ""
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError, candidates_per_micro_step, load_config
-from pipeline.distributed import DistInfo, all_reduce_max, init_distributed, shutdown
+from pipeline.distributed import DistInfo, all_reduce_flags, init_distributed, shutdown
 from pipeline.manifest import DataError
 from pipeline.run_setup import Progress, RunParts, build_run, check_finite, lr_at
 
@@ -93,13 +93,15 @@ def _train(run: RunParts, stop: StopFlag) -> dict[str, float]:
                        "select/pool_unigram_ce": _mean(pool_ce), **probe})
 
         out_of_time = 0 < t.max_seconds <= progress.train_time_s
-        stopping = all_reduce_max(float(stop.requested or out_of_time), info) > 0
+        eval_time_due = 0 < t.eval_every_s <= progress.train_time_s - progress.last_eval_train_s
+        # clocks differ per rank: every rank follows the same decision (ZeRO-3 evals are collectives)
+        stopping, eval_time_due = all_reduce_flags([stop.requested or out_of_time, eval_time_due], info)
         if progress.step % t.log_every == 0 or progress.step == t.max_steps or stopping:
             tracker.log_metrics(_window_metrics(window, progress, m * world, run.manifest.seq_len), progress.step)
             bar.set_postfix(loss=f"{window[-1]['train/loss']:.3f}", lr=f"{lr:.2e}")
             window = []
         reached = False
-        if progress.step % t.eval_every == 0 or progress.step == t.max_steps or stopping:
+        if progress.step % t.eval_every == 0 or progress.step == t.max_steps or stopping or eval_time_due:
             last_eval = _evaluate_and_log(run, started)
             reached = 0 < t.target_accuracy <= last_eval["eval/accuracy"]
             stopping = stopping or reached
@@ -123,6 +125,7 @@ def _train(run: RunParts, stop: StopFlag) -> dict[str, float]:
 def _evaluate_and_log(run: RunParts, started: float) -> dict[str, float]:
     """Eval metrics plus the progress counters at this point, so curves need no join."""
     p = run.progress
+    p.last_eval_train_s = p.train_time_s
     metrics = run.evaluate()
     run.tracker.log_metrics({**metrics, "eval/train_time_s": p.train_time_s,
                              "eval/samples_backpropagated": p.samples_backprop, "eval/samples_seen": p.samples_seen,

@@ -45,7 +45,8 @@ for method in $POLICIES; do
     --set data.dir="$shards" \
     --set train.out_dir="$DEMO_DIR/runs/$EXPERIMENT/$method" \
     --set train.max_seconds="$BUDGET_S" --set train.max_steps=100000 \
-    --set train.eval_every=25 --set data.eval_samples=256 --set train.threads=2 \
+    --set train.eval_every=100000 --set train.eval_every_s="$((BUDGET_S / 10))" \
+    --set data.eval_samples=256 --set train.threads=2 \
     --set select.policy="$policy" --set select.exit_layer="$exit_layer" --set select.probe_every=25 \
     --set tracking.experiment="$EXPERIMENT"
 done

@@ -136,3 +136,14 @@ def test_resume_after_kill_gives_the_same_losses_and_no_sample_twice(tiny_data, 
         kept_by_step[record["step"]] = record["candidates"]  # the last write of a step wins
     seen = [key for step in sorted(kept_by_step) for key in kept_by_step[step]]
     assert len(seen) == len(set(seen)), "a sample was drawn twice within the epoch"
+
+
+def test_eval_every_s_evaluates_by_training_time(tiny_data, tmp_path, dist_info):
+    from pipeline.train import train
+
+    cfg = tiny_config(tiny_data, tmp_path, "train.max_steps=12", "train.eval_every=1000", "train.eval_every_s=0.05",
+                      "train.export=false", "select.policy=sift")
+    train(cfg, dist_info)
+    times = [values[-1] for _, values in sorted(journal(tmp_path, "eval/train_time_s").items())]
+    assert len(times) >= 3  # by time, not only the final eval at max_steps
+    assert all(later - earlier >= 0.05 for earlier, later in zip(times[:-2], times[1:-1]))
