@@ -31,7 +31,7 @@ def test_zero_stages_train_a_few_steps(tiny_data, tmp_path, dist_info, stage):
 
     ds = ["ds_configs/base.json", "ds_configs/cpu.json"] + ([f"ds_configs/zero{stage}.json"] if stage else [])
     cfg = tiny_config(tiny_data, tmp_path, f"train.ds_configs=[{', '.join(ds)}]", "train.max_steps=4",
-                      "train.export=false")
+                      "train.export=false", "select.policy=sift")  # exit-layer scoring under every stage
     metrics = train(cfg, dist_info)
     losses = journal(tmp_path, "train/loss")
     assert sorted(losses) == [1, 2, 3, 4]
