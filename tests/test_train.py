@@ -5,24 +5,13 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, clean_env, tiny_config
-
-
-def journal(out_dir: Path, key: str) -> dict[int, list[float]]:
-    """Every value the run logged for `key`, by step (a step re-run after a resume appears twice)."""
-    values: dict[int, list[float]] = {}
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("key") == key:
-            values.setdefault(int(record["step"]), []).append(float(record["value"]))
-    return values
+from tests.conftest import clean_env, tiny_config
+from tests.fault_helpers import journal, run_ok, train_cmd
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -92,27 +81,13 @@ def test_export_loads_and_gives_the_engines_logits(tiny_data, tmp_path, dist_inf
     run.tracker.close()
 
 
-def _train_cmd(data: Path, out: Path, *overrides: str) -> list[str]:
-    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(REPO / "configs/tiny.yaml"),
-           "--set", f"data.dir={data}", "--set", f"train.out_dir={out}", "--set", f"tracking.uri=sqlite:///{out}/mlflow.db",
-           "--set", "train.record_keys=true", "--set", "train.export=false"]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
-
-
-def run_ok(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_resume_after_kill_gives_the_same_losses_and_no_sample_twice(tiny_data, tmp_path):
-    steps = ["train.max_steps=24", "train.ckpt_every=6", "select.policy=random", "model.dropout=0.1"]
+    steps = ["train.record_keys=true", "train.export=false", "train.max_steps=24", "train.ckpt_every=6", "select.policy=random", "model.dropout=0.1"]
     straight = tmp_path / "straight"
-    run_ok(_train_cmd(tiny_data, straight, *steps))
+    run_ok(train_cmd(tiny_data, straight, *steps))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(tiny_data, killed, *steps), env=clean_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(tiny_data, killed, *steps), env=clean_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "step00000006" / "COMPLETE"
     deadline = time.time() + 120
@@ -122,7 +97,7 @@ def test_resume_after_kill_gives_the_same_losses_and_no_sample_twice(tiny_data, 
     proc.wait()
     done_before_kill = max(journal(killed, "train/loss"))
     assert done_before_kill < 24, "the run finished before it could be killed"
-    run_ok(_train_cmd(tiny_data, killed, *steps))
+    run_ok(train_cmd(tiny_data, killed, *steps))
 
     reference = {step: values[0] for step, values in journal(straight, "train/loss").items()}
     resumed = journal(killed, "train/loss")
