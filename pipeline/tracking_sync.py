@@ -123,8 +123,12 @@ def _sync_artifacts(client: Any, run_id: str, events: list[dict[str, Any]]) -> t
 def _ensure_run(client: Any, run_dir: str, info: dict[str, Any], uri: str) -> str:
     if info.get("run_id"):
         return info["run_id"]
+    from pipeline.tracking import resolve_artifact_location
+
+    # the store may differ from the one the run was started against (e.g. a server's sqlite file)
+    location = info.get("artifact_location") or resolve_artifact_location("", uri)
     target = RunTarget(uri=uri, experiment=info["experiment"], run_name=info["run_name"],
-                       artifact_location=info.get("artifact_location"))
+                       artifact_location=location)
     run_id = open_run(client, target)
     write_run_info(run_dir, {**info, "run_id": run_id})
     logger.info("created MLflow run %s for %s", run_id, run_dir)
