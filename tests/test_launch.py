@@ -89,16 +89,7 @@ def test_ranks_checking_one_out_dir_at_once_never_fail(tmp_path):
     """Each rank probes out_dir at start; a shared probe file used to make one rank fail now and then."""
     import pipeline.run_setup  # noqa: F401 - imported once, before the fork
 
-    ctx = get_context("fork")
-    start = ctx.Event()
-    procs = [ctx.Process(target=_probe_out_dir, args=(str(tmp_path / "out"), start)) for _ in range(2)]
-    for proc in procs:
-        proc.start()
-    time.sleep(0.5)
-    start.set()
-    for proc in procs:
-        proc.join(timeout=60)
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert _race(_probe_out_dir, [(str(tmp_path / "out"),)] * 2, timeout=60) == [0, 0]
 
 
 def _start_and_close_a_run(index: int, uri: str, root: str, start) -> None:
@@ -117,16 +108,7 @@ def test_runs_starting_at_once_share_a_new_sqlite_store(tmp_path):
     import pipeline.tracking  # noqa: F401 - imported once, before the fork
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ctx = get_context("fork")
-    start = ctx.Event()
-    procs = [ctx.Process(target=_start_and_close_a_run, args=(i, uri, str(tmp_path), start)) for i in range(3)]
-    for proc in procs:
-        proc.start()
-    time.sleep(0.5)
-    start.set()
-    for proc in procs:
-        proc.join(timeout=120)
-    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    assert _race(_start_and_close_a_run, [(i, uri, str(tmp_path)) for i in range(3)], timeout=120) == [0, 0, 0]
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]
@@ -169,3 +151,17 @@ def test_deepspeed_cli_runs_two_cpu_ranks_to_completion(tiny_data, tmp_path):
     config = json.loads((out / "ds_config.json").read_text())
     assert config["train_batch_size"] == 2 * 8  # two ranks of micro-batch 8: both joined one group
     assert (result.stdout + result.stderr).count("exits successfully") == 2  # the launcher's word for each rank
+
+
+def _race(target, arg_tuples: list[tuple], timeout: float) -> list[int | None]:
+    """Fork one process per argument tuple, release them together, return their exit codes."""
+    ctx = get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=target, args=(*args, start)) for args in arg_tuples]
+    for proc in procs:
+        proc.start()
+    time.sleep(0.5)
+    start.set()
+    for proc in procs:
+        proc.join(timeout=timeout)
+    return [proc.exitcode for proc in procs]
