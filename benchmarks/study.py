@@ -71,8 +71,7 @@ def train_command(args: argparse.Namespace, out_dir: Path, experiment: str, meth
             *[item for s in sets for item in ("--set", s)]]
 
 
-def run_batch(jobs: list[tuple[str, list[str], Path]], schedule: Path, round_: int) -> None:
-    """Start the jobs together, wait for all; append one schedule record per job."""
+def start_jobs(jobs: list[tuple[str, list[str], Path]], round_: int) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": str(1), "TOKENIZERS_PARALLELISM": "false"}
     started = []
     for name, cmd, out_dir in jobs:
@@ -81,6 +80,11 @@ def run_batch(jobs: list[tuple[str, list[str], Path]], schedule: Path, round_: i
         record = {"run": name, "round": round_, "out_dir": str(out_dir), "start": time.time(),
                   "load_start": load_average(), "parallel": len(jobs), "command": " ".join(cmd)}
         started.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log, record))
+    return started
+
+
+def wait_jobs(started: list, schedule: Path) -> None:
+    """Wait for every started job; append one schedule record per job."""
     for proc, log, record in started:
         record["returncode"] = proc.wait()
         log.close()
@@ -92,21 +96,26 @@ def run_batch(jobs: list[tuple[str, list[str], Path]], schedule: Path, round_: i
               f" -> {record['load_end']:.2f}: {status}", flush=True)
 
 
-def run_arms(args: argparse.Namespace, experiment: str, extra: list[str]) -> None:
+def run_batch(jobs: list[tuple[str, list[str], Path]], schedule: Path, round_: int) -> None:
+    """Start the jobs together, wait for all."""
+    wait_jobs(start_jobs(jobs, round_), schedule)
+
+
+def run_arms(args: argparse.Namespace, experiment: str, extra: list[str], parallel: int, budget: float) -> None:
     schedule = args.out / "schedule.jsonl"
     for seed in args.seeds:
         order = list(args.policies)
         random.Random(1000 + seed).shuffle(order)  # policies shuffled per round; seed-major
         print(f"== {experiment}: round seed {seed}: {' '.join(order)}", flush=True)
-        for start in range(0, len(order), args.parallel):
+        for start in range(0, len(order), parallel):
             jobs = []
-            for method in order[start:start + args.parallel]:
+            for method in order[start:start + parallel]:
                 out_dir = args.out / "runs" / experiment / f"{method}-s{seed}"
                 if (out_dir / "mlflow_run.json").is_file() and args.skip_done and _finished(out_dir):
                     print(f"  {method}-s{seed}: done before, skipped", flush=True)
                     continue
                 jobs.append((f"{experiment}/{method}-s{seed}",
-                             train_command(args, out_dir, experiment, method, seed, args.budget, extra), out_dir))
+                             train_command(args, out_dir, experiment, method, seed, budget, extra), out_dir))
             if jobs:
                 run_batch(jobs, schedule, seed)
 
@@ -116,16 +125,26 @@ def _finished(out_dir: Path) -> bool:
     return info.get("status") == "FINISHED"
 
 
-def warm_checkpoint(args: argparse.Namespace) -> Path:
-    """The shared vanilla warm start, trained once and cached."""
+def warm_done(args: argparse.Namespace) -> bool:
     warm = args.out / "warm"
-    if any((warm / "checkpoints").glob("step*/COMPLETE")) and (warm / "WARM_DONE").is_file():
-        print(f"== warm start: reusing {warm}", flush=True)
-        return warm
+    return any((warm / "checkpoints").glob("step*/COMPLETE")) and (warm / "WARM_DONE").is_file()
+
+
+def start_warm(args: argparse.Namespace) -> list:
+    """Start the shared vanilla warm start (trained once, cached in <out>/warm)."""
+    warm = args.out / "warm"
     print(f"== warm start: vanilla for {args.warm_seconds:.0f} s of training into {warm}", flush=True)
     cmd = train_command(args, warm, f"{args.experiment}-warmstart", "vanilla", 0, args.warm_seconds,
-                        [f"train.threads={args.warm_threads}", "train.ckpt_every=300", "train.keep_checkpoints=1"])
-    run_batch([("warmstart/vanilla-s0", cmd, warm)], args.out / "schedule.jsonl", -1)
+                        [f"train.threads={args.warm_threads}", "train.ckpt_every=300", "train.keep_checkpoints=1",
+                         f"train.eval_every={args.warm_eval_every}"])
+    return start_jobs([("warmstart/vanilla-s0", cmd, warm)], -1)
+
+
+def finish_warm(args: argparse.Namespace, started: list) -> Path:
+    warm = args.out / "warm"
+    wait_jobs(started, args.out / "schedule.jsonl")
+    if started[0][2]["returncode"] != 0:
+        raise SystemExit(f"the warm start failed; see {warm}/train.log")
     (warm / "WARM_DONE").write_text(json.dumps({"seconds": args.warm_seconds}))
     return warm
 
@@ -156,6 +175,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warm-seconds", type=float, default=0.0, help="0 = no warm-start arms")
     p.add_argument("--warm-threads", type=int, default=2)
     p.add_argument("--warm-only", action="store_true", help="only the warm-start arms")
+    p.add_argument("--warm-budget", type=float, default=None,
+                   help="training seconds per warm-start arm (default: --budget)")
+    p.add_argument("--warm-eval-every", type=int, default=100, help="eval interval (steps) of the warm start")
+    p.add_argument("--warm-beside-scratch", action="store_true",
+                   help="train the warm start (--warm-threads, use 1) on one core while the from-scratch arms "
+                        "run one at a time on the other; then the warm arms run --parallel at a time")
     p.add_argument("--target", default="auto", help="passed to pipeline.compare")
     p.add_argument("--skip-done", action="store_true", help="keep runs that already FINISHED in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
@@ -174,12 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study {args.experiment}: {args.policies} x seeds {args.seeds}, {args.budget:.0f} s each, "
           f"{args.parallel} at a time x {args.threads} thread(s); MLflow {os.environ['MLFLOW_TRACKING_URI']}")
     experiments = []
+    warm_job = None
+    if args.warm_seconds > 0 and not warm_done(args):
+        warm_job = start_warm(args) if args.warm_beside_scratch and not args.warm_only else None
+        if warm_job:
+            print("== the warm start trains beside the from-scratch arms: one core each", flush=True)
     if not args.warm_only:
-        run_arms(args, args.experiment, [])
+        run_arms(args, args.experiment, [], 1 if warm_job else args.parallel, args.budget)
         experiments.append(args.experiment)
     if args.warm_seconds > 0:
-        warm = warm_checkpoint(args)
-        run_arms(args, f"{args.experiment}-warm", [f"train.init_from={warm}"])
+        if warm_done(args):
+            print(f"== warm start: reusing {args.out / 'warm'}", flush=True)
+        else:
+            finish_warm(args, warm_job or start_warm(args))
+        run_arms(args, f"{args.experiment}-warm", [f"train.init_from={args.out / 'warm'}"], args.parallel,
+                 args.warm_budget or args.budget)
         experiments.append(f"{args.experiment}-warm")
     for experiment in experiments:
         out = compare(args, experiment)
