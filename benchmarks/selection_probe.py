@@ -9,7 +9,10 @@ oversample: Spearman rank correlation with the exact loss and with the samples' 
 overlap with exact top-m, and the
 mean unigram cross-entropy of the masked tokens in the kept top-m vs the whole pool (unigram counts
 from the same stream: the rare-word bias the issue-7 pilots saw), for top-m by loss (sift) and by
-the rarity residual (sift_resid). Forward passes only (no_grad).
+the rarity residual (sift_resid); and how much of the ranking is BERT's 10% random replacement: the
+Spearman correlation of the score with a sample's share of random-replaced positions (a model that
+copies its input scores those very badly), and that share in the kept top-m vs the pool.
+Forward passes only (no_grad).
 """
 from __future__ import annotations
 
@@ -50,6 +53,13 @@ def mean_unigram_ce(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-log_probs[targets].mean()) if targets.numel() else math.nan
 
 
+def replaced_share(inputs: torch.Tensor, labels: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Per sample: the share of its labelled positions whose input is a random token (not [MASK], not kept)."""
+    labelled = labels >= 0
+    replaced = labelled & (inputs != mask_id) & (inputs != labels)
+    return replaced.sum(dim=1).double() / labelled.sum(dim=1).clamp(min=1).double()
+
+
 def measure(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(str(args.config), [f"data.dir={args.data}"])
     manifest = Manifest.load(str(args.data))
@@ -65,9 +75,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for oversample in args.oversample:
         loader, _ = train_loader(manifest, spec, batch=m * oversample, epoch=0, seed=0, rank=0, world=1, start=0,
                                  shuffle_buffer=2000, strict=False, num_workers=0)
-        acc = {k: {"spearman": [], "overlap": [], "kept_ce": [], "rarity_rho": [], "kept_ce_resid": []}
-               for k in range(0, layers + 1)}
-        pool_ce = []
+        acc = {k: {"spearman": [], "overlap": [], "kept_ce": [], "rarity_rho": [], "kept_ce_resid": [],
+                   "replaced_rho": [], "kept_replaced": []} for k in range(0, layers + 1)}
+        pool_ce, pool_replaced = [], []
         for i, batch in enumerate(loader):
             if i >= args.batches:
                 break
@@ -81,6 +91,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
             finite = torch.isfinite(exact)
             token_ce = -log_probs[labels[labels >= 0]].float()
             rarity, _ = selection.per_sample_loss(token_ce, (labels >= 0).nonzero(as_tuple=True)[0], labels.shape[0])
+            replaced = replaced_share(batch["input_ids"], labels, spec.mask_id)
+            pool_replaced.append(float(replaced.mean()))
             for k, s in scores.items():
                 acc[k]["spearman"].append(selection.spearman(s[finite], exact[finite]))
                 acc[k]["overlap"].append(selection.topk_overlap(s, exact, m))
@@ -88,6 +100,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 acc[k]["rarity_rho"].append(selection.spearman(s[finite], rarity[finite]))
                 resid = selection.unigram_residual_scores(s, rarity)
                 acc[k]["kept_ce_resid"].append(mean_unigram_ce(log_probs, labels[selection.topk_keep(resid, m)]))
+                acc[k]["replaced_rho"].append(selection.spearman(s[finite], replaced[finite]))
+                acc[k]["kept_replaced"].append(float(replaced[selection.topk_keep(s, m)].mean()))
         pool = sum(pool_ce) / len(pool_ce)
         for k, a in acc.items():
             rows.append({"oversample": oversample, "exit_layer": k, "exact": k == layers,
@@ -95,7 +109,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
                          "topk_overlap": sum(a["overlap"]) / len(a["overlap"]),
                          "kept_unigram_ce": sum(a["kept_ce"]) / len(a["kept_ce"]), "pool_unigram_ce": pool,
                          "rarity_spearman": sum(a["rarity_rho"]) / len(a["rarity_rho"]),
-                         "kept_unigram_ce_resid": sum(a["kept_ce_resid"]) / len(a["kept_ce_resid"])})
+                         "kept_unigram_ce_resid": sum(a["kept_ce_resid"]) / len(a["kept_ce_resid"]),
+                         "replaced_spearman": sum(a["replaced_rho"]) / len(a["replaced_rho"]),
+                         "kept_replaced_share": sum(a["kept_replaced"]) / len(a["kept_replaced"]),
+                         "pool_replaced_share": sum(pool_replaced) / len(pool_replaced)})
     return rows
 
 
@@ -111,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rows = measure(args)
     print("| oversample | exit layer | Spearman vs exact | top-m overlap | Spearman vs rarity | kept unigram CE "
-          "(sift) | kept unigram CE (sift_resid) | pool unigram CE |")
-    print("|---|---|---|---|---|---|---|---|")
+          "(sift) | kept unigram CE (sift_resid) | pool unigram CE | Spearman vs replaced share | "
+          "replaced share kept (sift) / pool |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['oversample']} | {r['exit_layer']}{' (exact)' if r['exact'] else ''} | {r['spearman']:.3f} | "
               f"{r['topk_overlap']:.3f} | {r['rarity_spearman']:.3f} | {r['kept_unigram_ce']:.3f} | "
-              f"{r['kept_unigram_ce_resid']:.3f} | {r['pool_unigram_ce']:.3f} |")
+              f"{r['kept_unigram_ce_resid']:.3f} | {r['pool_unigram_ce']:.3f} | {r['replaced_spearman']:.3f} | "
+              f"{r['kept_replaced_share']:.3f} / {r['pool_replaced_share']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
