@@ -40,6 +40,8 @@ class MaskSpec:
     vocab_size: int
     mask_id: int
     special_ids: tuple[int, ...]
+    mask_token_share: float = 0.8  # of the chosen tokens: become [MASK]
+    random_token_share: float = 0.1  # ... become a random token; the rest are kept as they are
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> list[int]:
@@ -48,7 +50,8 @@ def sample_seed(seed: int, epoch: int, key: str) -> list[int]:
 
 
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
-    """BERT's dynamic masking: pick mask_prob of the non-special tokens; 80% [MASK], 10% random, 10% kept."""
+    """BERT's dynamic masking: pick mask_prob of the non-special tokens; of those 80% [MASK], 10% random,
+    10% kept (spec.mask_token_share / random_token_share)."""
     ids = ids.astype(np.int64)
     labels = np.full_like(ids, IGNORE_INDEX)
     candidates = ~np.isin(ids, spec.special_ids)
@@ -56,8 +59,10 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec) -> tu
     labels[chosen] = ids[chosen]
     action = rng.random(ids.shape)
     inputs = ids.copy()
-    inputs[chosen & (action < 0.8)] = spec.mask_id
-    randomize = chosen & (action >= 0.8) & (action < 0.9)
+    mask_until = spec.mask_token_share
+    random_until = spec.mask_token_share + spec.random_token_share
+    inputs[chosen & (action < mask_until)] = spec.mask_id
+    randomize = chosen & (action >= mask_until) & (action < random_until)
     inputs[randomize] = rng.integers(0, spec.vocab_size, size=int(randomize.sum()))
     return inputs, labels
 

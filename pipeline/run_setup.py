@@ -139,7 +139,7 @@ class RunParts:
             log.info("epoch %d done", p.epoch)
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.engine, self.val, self.info, self.manifest.vocab_size)
+        return evaluate(self.engine, self.val, self.info, self.manifest.vocab_size, self.spec.mask_id)
 
     def save_checkpoint(self) -> None:
         counts = all_reduce_sum(torch.tensor([self.faults.skipped, self.faults.repeated], dtype=torch.float64,
@@ -185,7 +185,7 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     selector = Selector(cfg.select, micro_batch=cfg.train.micro_batch, num_layers=num_layers,
                         vocab_size=manifest.vocab_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
-                        rank=info.rank)
+                        rank=info.rank, mask_id=manifest.special_ids["mask"])
     progress, faults = Progress(), DataFaults()
     resumed = checkpoint.load_latest(engine, out_dir / "checkpoints", info) if cfg.train.resume else None
     if resumed:
@@ -202,7 +202,8 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
     if not resumed:
         _log_run_start(cfg, info, manifest, ds_config, tracker, out_dir, num_parameters(engine.module))
     spec = MaskSpec(cfg.data.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
-                    tuple(sorted(set(manifest.special_ids.values()))))
+                    tuple(sorted(set(manifest.special_ids.values()))), cfg.data.mask_token_share,
+                    cfg.data.random_token_share)
     val = eval_batches(manifest, spec, samples=cfg.data.eval_samples, batch=cfg.train.micro_batch,
                        rank=info.rank, world=info.world_size)
     log.info("model %s: %.2fM parameters, ZeRO stage %d, %d ranks", cfg.model.preset,

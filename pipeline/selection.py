@@ -54,6 +54,17 @@ def unigram_residual_scores(scores: torch.Tensor, unigram_ce: torch.Tensor) -> t
     return out
 
 
+def labels_at_mask_tokens(input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The labels of the positions whose input is [MASK]; the others set to -100 (policy sift_mask).
+
+    BERT's masking leaves 10% of the chosen positions unchanged and replaces 10% by a random token.
+    A model that has learnt to copy its input is near-certain (and right) on the kept ones and
+    confidently wrong on the replaced ones, so their losses say how many replacements a sample drew,
+    not how much it has left to teach (docs/RESULTS.md). Scoring only the [MASK] positions leaves the
+    trained batch unchanged: the kept samples still train on all their labelled positions."""
+    return torch.where(input_ids == mask_id, labels, torch.full_like(labels, -100))
+
+
 def random_keep(batch_size: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """A uniform random subset of k samples (controls for the data that oversampling consumes)."""
     if not 0 < k <= batch_size:

@@ -29,8 +29,11 @@ class SelectionStats:
 
 class Selector:
     def __init__(self, cfg: SelectConfig, *, micro_batch: int, num_layers: int, vocab_size: int,
-                 max_steps: int, seed: int, rank: int) -> None:
+                 max_steps: int, seed: int, rank: int, mask_id: int | None = None) -> None:
         self.cfg, self.m, self.max_steps = cfg, micro_batch, max_steps
+        if cfg.policy == "sift_mask" and mask_id is None:
+            raise ValueError("select.policy sift_mask needs the tokenizer's [MASK] id")
+        self.mask_id = mask_id
         self.exit_layer = num_layers if cfg.policy in ("exact", "selective_backprop") else cfg.exit_layer
         if not 0 <= self.exit_layer <= num_layers:
             raise ValueError(f"select.exit_layer {self.exit_layer} is outside 0..{num_layers} "
@@ -53,7 +56,9 @@ class Selector:
             keep = selection.random_keep(labels.shape[0], self.m, self.generator)
         else:
             start = time.perf_counter()
-            loss, count = exit_layer_losses(mlm, batch["input_ids"], labels, self.exit_layer)
+            scored = (selection.labels_at_mask_tokens(batch["input_ids"], labels, self.mask_id)
+                      if self.cfg.policy == "sift_mask" else labels)
+            loss, count = exit_layer_losses(mlm, batch["input_ids"], scored, self.exit_layer)
             scores = selection.selection_scores(loss, count)
             if self.cfg.policy == "sift_resid":
                 token_ce = -(self.unigram / self.unigram.sum()).log()[labels[labels >= 0]].float()

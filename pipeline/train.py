@@ -130,7 +130,8 @@ def _evaluate_and_log(run: RunParts, started: float) -> dict[str, float]:
     run.tracker.log_metrics({**metrics, "eval/train_time_s": p.train_time_s,
                              "eval/samples_backpropagated": p.samples_backprop, "eval/samples_seen": p.samples_seen,
                              "eval/wall_clock_s": time.perf_counter() - started}, p.step)
-    log.info("step %d: eval loss %.4f accuracy %.4f", p.step, metrics["eval/loss"], metrics["eval/accuracy"])
+    log.info("step %d: eval loss %.4f accuracy %.4f (at [MASK]: %.4f)", p.step, metrics["eval/loss"],
+             metrics["eval/accuracy"], metrics["eval/mask_accuracy"])
     return metrics
 
 

@@ -20,6 +20,8 @@ from pipeline.ds_config import build_ds_config
     ("select.exit_layer=-1", "select.exit_layer: must be >= 0"),
     ("model.preset=huge", "model.preset: must be one of"),
     ("data.mask_prob=1.5", "data.mask_prob: must be in (0, 1)"),
+    ("data.mask_token_share=1.2", "data.mask_token_share: must be in [0, 1]"),
+    ("data.random_token_share=0.3", "data.random_token_share: data.mask_token_share + data.random_token_share"),
     ("select.active_from=1.5", "select.active_from: must be in [0, 1]"),
     ("select.active_to=-0.1", "select.active_to: must be in [active_from, 1]"),
     ("train", "expected key=value"),

@@ -156,3 +156,21 @@ def test_strict_mode_fails_naming_the_shard(small, tmp_path, dist_info, monkeypa
     cfg = tiny_config(data, tmp_path / "r2", "data.strict=true", "train.max_steps=15", "train.export=false")
     with pytest.raises(CorruptSampleError, match=r"train-00000[13]\.tar.*data\.strict=true"):
         train(cfg, dist_info)
+
+
+def test_mask_shares_choose_what_the_masked_tokens_become():
+    """80/10/10 by default; with all of them [MASK] the input keeps no answer to copy."""
+    import numpy as np
+
+    from pipeline.data import mask_tokens
+
+    ids = np.arange(10, 4010)
+    specs = {"bert": MaskSpec(0.5, 5000, 4, (0, 1, 2, 3, 4)),
+             "all_mask": MaskSpec(0.5, 5000, 4, (0, 1, 2, 3, 4), mask_token_share=1.0, random_token_share=0.0)}
+    shares = {}
+    for name, spec in specs.items():
+        inputs, labels = mask_tokens(ids, np.random.default_rng(0), spec)
+        chosen = labels >= 0
+        shares[name] = [float((inputs[chosen] == 4).mean()), float((inputs[chosen] == ids[chosen]).mean())]
+    assert abs(shares["bert"][0] - 0.8) < 0.03 and abs(shares["bert"][1] - 0.1) < 0.03
+    assert shares["all_mask"] == [1.0, 0.0]

@@ -106,3 +106,10 @@ def test_unigram_residual_keeps_samples_without_masked_tokens_last():
     assert selection.topk_keep(residual, 2).tolist() == [1, 2]
     single = selection.unigram_residual_scores(torch.tensor([float("-inf"), 4.0]), torch.tensor([0.0, 3.0]))
     assert single.tolist() == [float("-inf"), 0.0]
+
+
+def test_labels_at_mask_tokens_keeps_only_the_mask_positions():
+    mask = 4
+    inputs = torch.tensor([[2, 4, 9, 7, 4, 3]])  # [CLS] [MASK] kept(9) random(7 for 8) [MASK] [SEP]
+    labels = torch.tensor([[-100, 11, 9, 8, 12, -100]])
+    assert selection.labels_at_mask_tokens(inputs, labels, mask).tolist() == [[-100, 11, -100, -100, 12, -100]]

@@ -15,7 +15,7 @@ from pipeline.data import MaskSpec, eval_batches, rank_shards
 from pipeline.manifest import Manifest
 from pipeline.model import build_model
 from pipeline.scoring import exit_layer_losses
-from pipeline.selection import per_sample_loss, topk_keep
+from pipeline.selection import labels_at_mask_tokens, per_sample_loss, topk_keep
 from tests.conftest import REPO, clean_env, free_port, tiny_config
 
 
@@ -49,6 +49,29 @@ def test_exit_at_the_last_layer_gives_the_exact_loss_and_restores_train_mode(tin
     assert not torch.allclose(early, exact)  # exit 1 is an approximation
     with pytest.raises(ValueError, match="exit_layer 3 is outside 0..2"):
         exit_layer_losses(model.mlm, batch["input_ids"], batch["labels"], exit_layer=3)
+
+
+def test_sift_mask_ranks_by_the_mask_positions_and_keeps_whole_samples(tiny_data):
+    from pipeline.config import SelectConfig
+    from pipeline.selector import Selector
+
+    manifest, batch = _batch(tiny_data)
+    mask_id = manifest.special_ids["mask"]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny"), manifest.vocab_size, manifest.seq_len)
+    model.eval()
+    at_mask = labels_at_mask_tokens(batch["input_ids"], batch["labels"], mask_id)
+    assert (at_mask >= 0).sum() < (batch["labels"] >= 0).sum()  # the batch has kept/replaced positions
+    with torch.no_grad():
+        expected = topk_keep(_exact_per_sample(model, {**batch, "labels": at_mask}), 8)
+    selector = Selector(SelectConfig(policy="sift_mask", exit_layer=2, oversample=2), micro_batch=8, num_layers=2,
+                        vocab_size=manifest.vocab_size, max_steps=10, seed=0, rank=0, mask_id=mask_id)
+    kept, _ = selector.select(model.mlm, batch, step=1)
+    assert kept["keys"] == [batch["keys"][i] for i in expected.tolist()]
+    torch.testing.assert_close(kept["labels"], batch["labels"][expected])  # trained on every labelled position
+    with pytest.raises(ValueError, match="sift_mask needs"):
+        Selector(SelectConfig(policy="sift_mask"), micro_batch=8, num_layers=2, vocab_size=manifest.vocab_size,
+                 max_steps=10, seed=0, rank=0)
 
 
 def test_training_on_the_kept_samples_equals_masking_out_the_dropped(tiny_data):

@@ -26,6 +26,7 @@ def test_zero_stages_train_a_few_steps(tiny_data, tmp_path, dist_info, stage):
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(math.isfinite(v) for vs in losses.values() for v in vs)
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and math.isfinite(metrics["eval/loss"])
+    assert 0.0 <= metrics["eval/mask_accuracy"] <= 1.0 and math.isfinite(metrics["eval/mask_loss"])
 
 
 def test_mlflow_run_holds_params_metrics_and_artifacts(tiny_data, tmp_path, dist_info):
