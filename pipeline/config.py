@@ -42,8 +42,8 @@ class ModelConfig:
 class DataConfig:
     dir: str = "data/demo"  # a data_prep output directory
     mask_prob: float = 0.15
-    mask_token_share: float = 0.8  # of the masked tokens: [MASK] in the input (BERT: 0.8)
-    random_token_share: float = 0.1  # ... a random token (BERT: 0.1); the rest stay as they are
+    mask_share: float = 0.8  # of the masked tokens: [MASK] in the input (BERT: 0.8)
+    random_share: float = 0.1  # ... a random token (BERT: 0.1); the rest stay as they are
     shuffle_buffer: int = 2000
     num_workers: int = 0  # DataLoader workers per rank
     eval_samples: int = 512  # fixed-mask validation samples (all ranks together)
@@ -213,11 +213,11 @@ def validate(cfg: Config) -> None:
         _check(getattr(m, name) >= 0, f"model.{name}", "must be >= 0 (0 = preset value)")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(0.0 < d.mask_prob < 1.0, "data.mask_prob", f"must be in (0, 1), got {d.mask_prob}")
-    for name in ("mask_token_share", "random_token_share"):
+    for name in ("mask_share", "random_share"):
         _check(0.0 <= getattr(d, name) <= 1.0, f"data.{name}", f"must be in [0, 1], got {getattr(d, name)}")
-    _check(d.mask_token_share + d.random_token_share <= 1.0, "data.random_token_share",
-           f"data.mask_token_share + data.random_token_share must be <= 1, got "
-           f"{d.mask_token_share} + {d.random_token_share}")
+    _check(d.mask_share + d.random_share <= 1.0, "data.random_share",
+           f"data.mask_share + data.random_share must be <= 1, got "
+           f"{d.mask_share} + {d.random_share}")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.eval_samples >= 1, "data.eval_samples", "must be >= 1")

@@ -40,8 +40,8 @@ class MaskSpec:
     vocab_size: int
     mask_id: int
     special_ids: tuple[int, ...]
-    mask_token_share: float = 0.8  # of the chosen tokens: become [MASK]
-    random_token_share: float = 0.1  # ... become a random token; the rest are kept as they are
+    mask_share: float = 0.8  # of the chosen tokens: become [MASK]
+    random_share: float = 0.1  # ... become a random token; the rest are kept as they are
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> list[int]:
@@ -51,7 +51,7 @@ def sample_seed(seed: int, epoch: int, key: str) -> list[int]:
 
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
     """BERT's dynamic masking: pick mask_prob of the non-special tokens; of those 80% [MASK], 10% random,
-    10% kept (spec.mask_token_share / random_token_share)."""
+    10% kept (spec.mask_share / random_share)."""
     ids = ids.astype(np.int64)
     labels = np.full_like(ids, IGNORE_INDEX)
     candidates = ~np.isin(ids, spec.special_ids)
@@ -59,8 +59,8 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec) -> tu
     labels[chosen] = ids[chosen]
     action = rng.random(ids.shape)
     inputs = ids.copy()
-    mask_until = spec.mask_token_share
-    random_until = spec.mask_token_share + spec.random_token_share
+    mask_until = spec.mask_share
+    random_until = spec.mask_share + spec.random_share
     inputs[chosen & (action < mask_until)] = spec.mask_id
     randomize = chosen & (action >= mask_until) & (action < random_until)
     inputs[randomize] = rng.integers(0, spec.vocab_size, size=int(randomize.sum()))

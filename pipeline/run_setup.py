@@ -202,8 +202,8 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
     if not resumed:
         _log_run_start(cfg, info, manifest, ds_config, tracker, out_dir, num_parameters(engine.module))
     spec = MaskSpec(cfg.data.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
-                    tuple(sorted(set(manifest.special_ids.values()))), cfg.data.mask_token_share,
-                    cfg.data.random_token_share)
+                    tuple(sorted(set(manifest.special_ids.values()))), cfg.data.mask_share,
+                    cfg.data.random_share)
     val = eval_batches(manifest, spec, samples=cfg.data.eval_samples, batch=cfg.train.micro_batch,
                        rank=info.rank, world=info.world_size)
     log.info("model %s: %.2fM parameters, ZeRO stage %d, %d ranks", cfg.model.preset,

@@ -20,8 +20,8 @@ from pipeline.ds_config import build_ds_config
     ("select.exit_layer=-1", "select.exit_layer: must be >= 0"),
     ("model.preset=huge", "model.preset: must be one of"),
     ("data.mask_prob=1.5", "data.mask_prob: must be in (0, 1)"),
-    ("data.mask_token_share=1.2", "data.mask_token_share: must be in [0, 1]"),
-    ("data.random_token_share=0.3", "data.random_token_share: data.mask_token_share + data.random_token_share"),
+    ("data.mask_share=1.2", "data.mask_share: must be in [0, 1]"),
+    ("data.random_share=0.3", "data.random_share: data.mask_share + data.random_share"),
     ("select.active_from=1.5", "select.active_from: must be in [0, 1]"),
     ("select.active_to=-0.1", "select.active_to: must be in [active_from, 1]"),
     ("train", "expected key=value"),
@@ -79,3 +79,14 @@ def test_cpu_runs_use_torch_adam_even_without_cpu_json(monkeypatch):
     assert build_ds_config(cfg, world_size=1)["optimizer"]["params"]["torch_adam"] is True
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     assert "torch_adam" not in build_ds_config(cfg, world_size=1)["optimizer"]["params"]
+
+
+def test_no_config_key_looks_like_a_secret_to_the_mlflow_scrubber():
+    """A key the scrubber takes for a secret (e.g. one with "token_" in it) is logged as REDACTED."""
+    from dataclasses import asdict
+
+    from pipeline.tracking_scrub import flatten, is_secret_key
+
+    keys = flatten(asdict(load_config(None, [])))
+    assert "data.mask_share" in keys
+    assert [key for key in keys if is_secret_key(key)] == []

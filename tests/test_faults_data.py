@@ -166,7 +166,7 @@ def test_mask_shares_choose_what_the_masked_tokens_become():
 
     ids = np.arange(10, 4010)
     specs = {"bert": MaskSpec(0.5, 5000, 4, (0, 1, 2, 3, 4)),
-             "all_mask": MaskSpec(0.5, 5000, 4, (0, 1, 2, 3, 4), mask_token_share=1.0, random_token_share=0.0)}
+             "all_mask": MaskSpec(0.5, 5000, 4, (0, 1, 2, 3, 4), mask_share=1.0, random_share=0.0)}
     shares = {}
     for name, spec in specs.items():
         inputs, labels = mask_tokens(ids, np.random.default_rng(0), spec)
