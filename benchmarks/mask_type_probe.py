@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.selection_probe import unigram_log_probs  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import MaskSpec, eval_batches  # noqa: E402
+from pipeline.data import eval_batches, mask_spec  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.run_setup import load_module_weights  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(str(args.config), [f"data.dir={args.data}"])
     manifest = Manifest.load(str(args.data))
     mask_id = manifest.special_ids["mask"]
-    spec = MaskSpec(cfg.data.mask_prob, manifest.vocab_size, mask_id, tuple(sorted(set(manifest.special_ids.values()))))
+    spec = mask_spec(cfg.data, manifest)
     batches = eval_batches(manifest, spec, samples=args.samples, batch=64, rank=0, world=1)
     baselines = context_free_baselines(unigram_log_probs(manifest, spec, 200, 64), batches, mask_id)
     print(f"context-free at [MASK]: most-frequent-token accuracy {baselines['most_frequent_accuracy']:.4f}, "

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import selection  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import MaskSpec, train_loader  # noqa: E402
+from pipeline.data import MaskSpec, mask_spec, train_loader  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.run_setup import load_module_weights  # noqa: E402
@@ -63,8 +63,7 @@ def replaced_share(inputs: torch.Tensor, labels: torch.Tensor, mask_id: int) -> 
 def measure(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(str(args.config), [f"data.dir={args.data}"])
     manifest = Manifest.load(str(args.data))
-    spec = MaskSpec(cfg.data.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
-                    tuple(sorted(set(manifest.special_ids.values()))))
+    spec = mask_spec(cfg.data, manifest)
     model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
     load_module_weights(model, str(args.checkpoint))
     mlm = model.mlm.eval()

@@ -140,13 +140,12 @@ def start_warm(args: argparse.Namespace) -> list:
     return start_jobs([("warmstart/vanilla-s0", cmd, warm)], -1)
 
 
-def finish_warm(args: argparse.Namespace, started: list) -> Path:
+def finish_warm(args: argparse.Namespace, started: list) -> None:
     warm = args.out / "warm"
     wait_jobs(started, args.out / "schedule.jsonl")
     if started[0][2]["returncode"] != 0:
         raise SystemExit(f"the warm start failed; see {warm}/train.log")
     (warm / "WARM_DONE").write_text(json.dumps({"seconds": args.warm_seconds}))
-    return warm
 
 
 def compare(args: argparse.Namespace, experiment: str) -> Path:

@@ -44,6 +44,12 @@ class MaskSpec:
     random_share: float = 0.1  # ... become a random token; the rest are kept as they are
 
 
+def mask_spec(data_cfg, manifest: Manifest) -> MaskSpec:
+    """The masking of a run: `data.*` from its config (pipeline.config.DataConfig), ids from the manifest."""
+    return MaskSpec(data_cfg.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
+                    tuple(sorted(set(manifest.special_ids.values()))), data_cfg.mask_share, data_cfg.random_share)
+
+
 def sample_seed(seed: int, epoch: int, key: str) -> list[int]:
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return [seed, epoch, int.from_bytes(digest, "little")]

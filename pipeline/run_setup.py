@@ -17,7 +17,7 @@ import torch
 
 from pipeline import checkpoint, preflight, tracking_journal
 from pipeline.config import Config, ConfigError, TrainConfig, candidates_per_micro_step, flatten, to_dict
-from pipeline.data import DataFaults, MaskSpec, eval_batches, micro_steps_per_epoch, train_loader
+from pipeline.data import DataFaults, MaskSpec, eval_batches, mask_spec, micro_steps_per_epoch, train_loader
 from pipeline.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from pipeline.ds_config import REPO_ROOT, build_ds_config, zero_stage
 from pipeline.evaluate import evaluate
@@ -201,9 +201,7 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
     progress.mlflow_run_id = tracker.run_id or progress.mlflow_run_id
     if not resumed:
         _log_run_start(cfg, info, manifest, ds_config, tracker, out_dir, num_parameters(engine.module))
-    spec = MaskSpec(cfg.data.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
-                    tuple(sorted(set(manifest.special_ids.values()))), cfg.data.mask_share,
-                    cfg.data.random_share)
+    spec = mask_spec(cfg.data, manifest)
     val = eval_batches(manifest, spec, samples=cfg.data.eval_samples, batch=cfg.train.micro_batch,
                        rank=info.rank, world=info.world_size)
     log.info("model %s: %.2fM parameters, ZeRO stage %d, %d ranks", cfg.model.preset,
