@@ -155,13 +155,13 @@ class RunParts:
         self.tracker.log_metrics({"data/skipped_corrupt": counts[0].item(), "data/repeated_samples": counts[1].item()},
                                  self.progress.step)
 
-    def record_keys(self, step: int, candidates: list[str], kept: list[str]) -> None:
+    def record_keys(self, step: int, candidates: list[str], kept: list[str], loss: float) -> None:
         if self.cfg.train.record_keys:
             path = self.out_dir / "keys" / f"rank{self.info.rank:05d}.jsonl"
             path.parent.mkdir(exist_ok=True)
             with open(path, "a") as handle:
                 handle.write(json.dumps({"step": step, "epoch": self.progress.epoch, "candidates": candidates,
-                                         "kept": kept}) + "\n")
+                                         "kept": kept, "loss": loss}) + "\n")
 
     def finish(self) -> None:
         if self.cfg.train.export:

@@ -76,8 +76,8 @@ def _train(run: RunParts, stop: StopFlag) -> dict[str, float]:
             plain_norm = _plain_grad_norm(engine)  # DeepSpeed reports no norm at ZeRO-0 fp32
             engine.step()
             progress.samples_backprop += m * world
-            run.record_keys(progress.step, batch["keys"], kept["keys"])
             losses.append(out.loss.item())
+            run.record_keys(progress.step, batch["keys"], kept["keys"], losses[-1])
             scoring_s += stats.scoring_s
             kept_loss.append(stats.kept_loss), dropped_loss.append(stats.dropped_loss)
             kept_ce.append(stats.kept_unigram_ce), pool_ce.append(stats.pool_unigram_ce)
