@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -116,3 +117,36 @@ def load_latest(engine: Any, ckpt_dir: Path, info: DistInfo) -> tuple[dict[str, 
     rank_state = torch.load(ckpt_dir / tag / f"rank{info.rank:05d}_state.pt", weights_only=True)
     log.info("resumed from %s (step %d)", ckpt_dir / tag, marker["step"])
     return client_state, rank_state
+
+
+def init_checkpoint_dir(path: str) -> Path:
+    """train.init_from -> a complete checkpoint step dir: the dir itself, or the newest complete one
+    in `path/checkpoints` or `path`."""
+    root = Path(path)
+    if (root / MARKER).is_file():
+        return root
+    for ckpt_dir in (root / "checkpoints", root):
+        tags = complete_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+        if tags:
+            return ckpt_dir / tags[-1]
+    raise ConfigError(f"train.init_from {path}: no complete checkpoint there (expected a step dir with a "
+                      f"{MARKER} marker, or a run dir holding checkpoints/)")
+
+
+def load_module_weights(model: torch.nn.Module, path: str) -> Path:
+    """Warm start: module weights only (no optimizer, progress, RNG or MLflow run) from a ZeRO-0..2
+    checkpoint. The architecture must match exactly."""
+    step_dir = init_checkpoint_dir(path)
+    files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise ConfigError(f"train.init_from {step_dir}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
+    vet_files(step_dir)
+    state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"train.init_from {files[0]}: weights do not fit this model (same preset, "
+                          f"model.pre_layernorm and data vocab/seq_len needed; ZeRO-3 checkpoints are "
+                          f"partitioned): {str(err).splitlines()[0]}") from err
+    log.info("warm start: module weights from %s", step_dir)
+    return step_dir

@@ -18,8 +18,13 @@ from typing import Any
 
 import yaml
 
-POLICIES = ("vanilla", "random", "sift", "exact", "selective_backprop", "sift_resid", "sift_mask")
-PRESETS = ("tiny", "mini", "base", "large")
+# model.preset -> (layers, hidden, heads, intermediate); model.* keys override single values
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (2, 32, 2, 64),  # tests
+    "mini": (4, 256, 4, 1024),  # CPU studies
+    "base": (12, 768, 12, 3072),  # BERT-base, as in the paper
+    "large": (24, 1024, 16, 4096),
+}
 
 
 class ConfigError(ValueError):
@@ -36,6 +41,13 @@ class ModelConfig:
     max_position: int = 0  # 0 = the data's seq_len
     dropout: float = 0.1
     pre_layernorm: bool = False  # True: pre-LN wiring (pipeline/prenorm.py); not exportable as HF BERT
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(layers, hidden, heads, intermediate): the preset's, with the explicit keys applied."""
+        layers, hidden, heads, inner = PRESETS[self.preset]
+        return (self.num_layers or layers, self.hidden_size or hidden, self.num_heads or heads,
+                self.intermediate_size or inner)
 
 
 @dataclass
@@ -80,7 +92,7 @@ class TrainConfig:
 
 @dataclass
 class SelectConfig:
-    policy: str = "vanilla"  # vanilla | random | sift | exact | selective_backprop | sift_resid | sift_mask
+    policy: str = "vanilla"  # vanilla | random | sift | exact | selective_backprop | sift_resid | sift_mask (pipeline/sift/policies.py)
     oversample: int = 2  # candidates per micro-step = micro_batch * oversample
     exit_layer: int = 1  # blocks run for scoring (sift); exact uses num_layers
     sb_beta: float = 1.0  # selective_backprop: keep prob = percentile ** beta
@@ -211,6 +223,8 @@ def validate(cfg: Config) -> None:
     _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
     for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "max_position"):
         _check(getattr(m, name) >= 0, f"model.{name}", "must be >= 0 (0 = preset value)")
+    layers, hidden, heads, _ = m.shape
+    _check(hidden % heads == 0, "model.hidden_size", f"{hidden} is not divisible by model.num_heads {heads}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(0.0 < d.mask_prob < 1.0, "data.mask_prob", f"must be in (0, 1), got {d.mask_prob}")
     for name in ("mask_share", "random_share"):
@@ -239,11 +253,14 @@ def validate(cfg: Config) -> None:
     _check(not (m.pre_layernorm and t.export), "train.export",
            "a model.pre_layernorm=true model is not a standard Hugging Face BERT: set train.export=false")
     _check(bool(t.ds_configs), "train.ds_configs", "needs at least one DeepSpeed JSON")
+    from pipeline.sift.policies import POLICIES
+
     _check(s.policy in POLICIES, "select.policy", f"must be one of {', '.join(POLICIES)}, got {s.policy!r}")
     _check(s.oversample >= 1, "select.oversample", f"must be >= 1, got {s.oversample}")
-    _check(s.policy == "vanilla" or s.oversample >= 2, "select.oversample",
+    _check(not POLICIES[s.policy].oversamples or s.oversample >= 2, "select.oversample",
            f"policy {s.policy} selects among candidates: needs oversample >= 2")
-    _check(s.exit_layer >= 0, "select.exit_layer", f"must be >= 0, got {s.exit_layer}")
+    _check(0 <= s.exit_layer <= layers, "select.exit_layer",
+           f"must be in 0..{layers} (the model's layers), got {s.exit_layer}")
     _check(s.sb_beta > 0, "select.sb_beta", "must be > 0")
     _check(s.sb_history >= 1, "select.sb_history", "must be >= 1")
     _check(0.0 <= s.active_from <= 1.0, "select.active_from", f"must be in [0, 1], got {s.active_from}")
@@ -253,8 +270,20 @@ def validate(cfg: Config) -> None:
     _check(s.probe_every >= 0, "select.probe_every", "must be >= 0")
 
 
+def exit_layer_run(cfg: Config) -> int | None:
+    """The exit layer selection scores at, as it runs: select.exit_layer for the exit-scored policies,
+    the last layer for exact / selective_backprop, None for policies that score nothing."""
+    from pipeline.sift.policies import POLICIES
+
+    scored_at = POLICIES[cfg.select.policy].scored_at
+    return {"exit": cfg.select.exit_layer, "last": cfg.model.shape[0]}.get(scored_at)
+
+
 def candidates_per_micro_step(cfg: Config) -> int:
-    return cfg.train.micro_batch * (1 if cfg.select.policy == "vanilla" else cfg.select.oversample)
+    from pipeline.sift.policies import POLICIES
+
+    oversample = cfg.select.oversample if POLICIES[cfg.select.policy].oversamples else 1
+    return cfg.train.micro_batch * oversample
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

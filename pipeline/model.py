@@ -1,4 +1,9 @@
-"""BERT for masked-LM pretraining, with the MLM head evaluated only at masked positions."""
+"""BERT for masked-LM pretraining, with the MLM head evaluated only at masked positions.
+
+`SparseMaskedLM` is the module the DeepSpeed engine wraps. Besides `forward(input_ids, labels)` it
+exposes the two pieces exit-layer scoring needs (pipeline/sift/scoring.py): `trunk(ids, k)`, the
+embeddings and the first k blocks, and `head(hidden)`, the model's own MLM head.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -8,29 +13,15 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
 from pipeline.config import ModelConfig
-from pipeline.data import IGNORE_INDEX
-
-# layers, hidden, heads, intermediate
-PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (2, 32, 2, 64),  # tests
-    "mini": (4, 256, 4, 1024),  # CPU studies
-    "base": (12, 768, 12, 3072),  # BERT-base, as in the paper
-    "large": (24, 1024, 16, 4096),
-}
+from pipeline.masking import IGNORE_INDEX
 
 
 def bert_config(cfg: ModelConfig, vocab_size: int, seq_len: int, pad_id: int = 0) -> BertConfig:
-    layers, hidden, heads, inner = PRESETS[cfg.preset]
-    hidden = cfg.hidden_size or hidden
-    heads = cfg.num_heads or heads
-    if hidden % heads:
-        raise ValueError(f"model.hidden_size {hidden} is not divisible by model.num_heads {heads}")
-    max_position = cfg.max_position or seq_len
-    if seq_len > max_position:
-        raise ValueError(f"model.max_position {max_position} < the data's seq_len {seq_len}")
-    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=cfg.num_layers or layers,
-                      num_attention_heads=heads, intermediate_size=cfg.intermediate_size or inner,
-                      max_position_embeddings=max_position, hidden_dropout_prob=cfg.dropout,
+    """The shape is validated in pipeline.config, max_position against the data in pipeline.preflight."""
+    layers, hidden, heads, inner = cfg.shape
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=inner,
+                      max_position_embeddings=cfg.max_position or seq_len, hidden_dropout_prob=cfg.dropout,
                       attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad_id)
 
 
@@ -42,7 +33,7 @@ class MLMOutput(NamedTuple):
 
 
 def sparse_mlm(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
-    """Apply the MLM head only where labels != -100 (sparse prediction, as in Cramming)."""
+    """Apply the MLM head only where labels != IGNORE_INDEX (sparse prediction, as in Cramming)."""
     masked = labels != IGNORE_INDEX  # (B, T)
     sample_index = masked.nonzero(as_tuple=True)[0]  # (N,)
     logits = head(hidden[masked])  # (N, V)
@@ -53,10 +44,8 @@ def sparse_mlm(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> M
 
 
 class SparseMaskedLM(nn.Module):
-    """The module the DeepSpeed engine wraps: forward(input_ids, labels) -> MLMOutput.
-
-    `self.mlm` is a plain transformers BertForMaskedLM, so its parts (embeddings, encoder layers,
-    the `cls` head) are reachable for exit-layer scoring and it exports with save_pretrained."""
+    """forward(input_ids, labels) -> MLMOutput. `self.mlm` is a plain transformers BertForMaskedLM, so
+    it exports with save_pretrained."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -69,6 +58,18 @@ class SparseMaskedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
         hidden = self.mlm.bert(input_ids=input_ids).last_hidden_state  # (B, T, H); packed: no padding mask
         return sparse_mlm(self.mlm.cls, hidden, labels)
+
+    def trunk(self, input_ids: torch.Tensor, layers: int) -> torch.Tensor:
+        """Embeddings, then blocks 1..layers: the hidden states (B, T, H) an exit at `layers` sees.
+        Each submodule is called through its own __call__, so ZeRO-3 gathers its parameters."""
+        hidden = self.mlm.bert.embeddings(input_ids=input_ids)
+        for layer in self.mlm.bert.encoder.layer[:layers]:
+            hidden = layer(hidden)  # packed sequences: no attention mask needed
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLM head on hidden states (N, H) -> logits (N, V)."""
+        return self.mlm.cls(hidden)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, pad_id: int = 0) -> SparseMaskedLM:

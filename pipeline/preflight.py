@@ -16,7 +16,6 @@ from pipeline import checkpoint
 from pipeline.config import Config, ConfigError, candidates_per_micro_step, to_dict
 from pipeline.data import CorruptSampleError, SampleMismatchError, SkipCounter, micro_steps_per_epoch, shard_stream
 from pipeline.manifest import DataError, Manifest
-from pipeline.model import PRESETS
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"cls": "cls_token_id", "sep": "sep_token_id", "pad": "pad_token_id", "mask": "mask_token_id",
@@ -34,16 +33,11 @@ def check_run(cfg: Config, world_size: int, manifest: Manifest) -> None:
 
 
 def check_model_fits(cfg: Config, manifest: Manifest) -> None:
+    """What the model's shape must agree with in the data (the shape itself is checked in pipeline.config)."""
     m = cfg.model
-    layers, hidden, heads, _ = PRESETS[m.preset]
-    layers, hidden, heads = m.num_layers or layers, m.hidden_size or hidden, m.num_heads or heads
-    if hidden % heads:
-        raise ConfigError(f"model.hidden_size: {hidden} is not divisible by model.num_heads {heads}")
     if m.max_position and manifest.seq_len > m.max_position:
         raise ConfigError(f"model.max_position: {m.max_position} is smaller than the data's seq_len "
                           f"{manifest.seq_len} ({manifest.path})")
-    if cfg.select.exit_layer > layers:
-        raise ConfigError(f"select.exit_layer: {cfg.select.exit_layer} is larger than the model's {layers} layers")
     if cfg.data.eval_samples > manifest.split_samples("val"):
         log.warning("data.eval_samples %d > %d validation samples: evaluating on all of them",
                     cfg.data.eval_samples, manifest.split_samples("val"))

@@ -1,7 +1,7 @@
 """Bad inputs, each with its clear error, raised before any heavy work.
 
 Config errors surface in `pipeline.train.main` before the process group is set up (exit code 2, one
-line); data, model, output and DeepSpeed-JSON errors surface in `build_run` before
+line); data, model, output and DeepSpeed-JSON errors surface in `Run.open` before
 `deepspeed.initialize` (patched here to fail the test if reached). Value checks already covered by
 tests/test_config.py are not repeated; docs/RELIABILITY.md lists both tables.
 """
@@ -36,6 +36,9 @@ CLI_CASES = [  # id, config file name and text (None: tiny.yaml), overrides, mes
     ("list key given a mapping", None, ["train.ds_configs={a: 1}"], r"train.ds_configs: expected a list"),
     ("number key given a list", None, ["model.dropout=[0.1]"], r"model.dropout: expected a number"),
     ("string key given a mapping", None, ["data.dir={a: 1}"], r"data.dir: expected a string"),
+    ("exit layer beyond the model", None, ["select.policy=sift", "select.exit_layer=3"],
+     r"select.exit_layer: must be in 0..2 \(the model's layers\), got 3"),
+    ("heads not dividing hidden", None, ["model.num_heads=3"], r"model.hidden_size: 32 is not divisible by model.num_heads 3"),
 ]
 
 
@@ -44,7 +47,7 @@ def test_bad_config_fails_with_one_message_before_any_setup(tmp_path, monkeypatc
                                                        message):
     import pipeline.train as train_module
 
-    monkeypatch.setattr(train_module, "init_distributed", lambda: pytest.fail("init_distributed was reached"))
+    monkeypatch.setattr("pipeline.distributed.init_distributed", lambda: pytest.fail("init_distributed was reached"))
     path = str(REPO / "configs" / "tiny.yaml")
     if config is not None:
         path = str(tmp_path / config[0])
@@ -67,9 +70,9 @@ def test_cli_exit_code_and_message_for_a_missing_data_dir(tmp_path, dist_info, m
 
     import pipeline.train as train_module
 
-    monkeypatch.setattr(train_module, "init_distributed", lambda: dist_info)  # the session's process group
-    monkeypatch.setattr(train_module, "setup_logging", lambda rank: None)
-    monkeypatch.setattr(train_module, "shutdown", lambda **kw: None)  # ... stays up for the other tests
+    monkeypatch.setattr("pipeline.distributed.init_distributed", lambda: dist_info)  # the session's process group
+    monkeypatch.setattr("pipeline.cli.setup_logging", lambda rank: None)
+    monkeypatch.setattr("pipeline.distributed.shutdown", lambda **kw: None)  # ... stays up for the other tests
     monkeypatch.setattr(deepspeed, "initialize", lambda **kw: pytest.fail("deepspeed.initialize was reached"))
     argv = ["--config", str(REPO / "configs/tiny.yaml"), "--set", f"data.dir={tmp_path}/none",
             "--set", f"train.out_dir={tmp_path}/out"]
@@ -77,7 +80,7 @@ def test_cli_exit_code_and_message_for_a_missing_data_dir(tmp_path, dist_info, m
     assert f"data.dir {tmp_path}/none: no such directory" in caplog.text and "Traceback" not in caplog.text
 
 
-# -- data, model, output dir, DeepSpeed JSON, checkpoints: build_run before deepspeed.initialize --
+# -- data, model, output dir, DeepSpeed JSON, checkpoints: Run.open before deepspeed.initialize --
 
 def edit_manifest(change):
     def mutate(data: Path, out: Path, tmp: Path) -> list[str]:
@@ -190,10 +193,6 @@ DATA_CASES = [  # id, mutate(data, out, tmp) -> overrides, world size, error, me
      r"shards do not match .*expected 64 integer ids, got uint16\(32,\)"),
     ("seq_len beyond max_position", overrides("model.max_position=16"), 1, ConfigError,
      r"model.max_position: 16 is smaller than the data's seq_len 32"),
-    ("exit layer beyond the model", overrides("select.policy=sift", "select.exit_layer=3"), 1, ConfigError,
-     r"select.exit_layer: 3 is larger than the model's 2 layers"),
-    ("heads not dividing hidden", overrides("model.num_heads=3"), 1, ConfigError,
-     r"model.hidden_size: 32 is not divisible by model.num_heads 3"),
     ("more ranks than train shards", one_train_shard, 2, DataError, r"1 train shard\(s\) cannot be dealt to 2 ranks"),
     ("micro-batch beyond a rank's share", overrides("train.micro_batch=400", "select.policy=random"), 1, DataError,
      r"too few train samples per rank for one micro-batch of 800 candidates"),
@@ -222,10 +221,10 @@ def test_bad_input_fails_before_deepspeed_initialize(tiny_data, tmp_path, monkey
                                                      message):
     import deepspeed
 
-    from pipeline.run_setup import build_run
+    from pipeline.run import Run
 
     monkeypatch.setattr(deepspeed, "initialize", lambda **kw: pytest.fail("deepspeed.initialize was reached"))
     data, out = copy_data(tiny_data, tmp_path / "data"), tmp_path / "out"
     cfg = tiny_config(data, out, *mutate(data, out, tmp_path))
     with pytest.raises(error, match=message):
-        build_run(cfg, DistInfo(rank=0, world_size=world, local_rank=0, device=torch.device("cpu")))
+        Run.open(cfg, DistInfo(rank=0, world_size=world, local_rank=0, device=torch.device("cpu")))

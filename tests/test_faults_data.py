@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import (CandidateBatches, CorruptSampleError, DataFaults, MaskSpec, SkipCounter, shard_stream,
+from pipeline.masking import MaskSpec
+from pipeline.data import (CandidateBatches, CorruptSampleError, DataFaults, SkipCounter, shard_stream,
                            train_loader)
 from pipeline.manifest import DataError, Manifest
 from tests.conftest import tiny_config
@@ -138,14 +139,14 @@ def test_training_skips_corrupt_samples_and_mlflow_gets_the_counts(small, tmp_pa
 def test_strict_mode_fails_naming_the_shard(small, tmp_path, dist_info, monkeypatch):
     import deepspeed
 
-    from pipeline.run_setup import build_run
+    from pipeline.run import Run
     from pipeline.train import train
 
     data, where = damaged(small, tmp_path / "d", "truncated")  # a size unlike the manifest's: found at start
     monkeypatch.setattr(deepspeed, "initialize", lambda **kw: pytest.fail("deepspeed.initialize was reached"))
     cfg = tiny_config(data, tmp_path / "r1", "data.strict=true")
     with pytest.raises(DataError, match=f"{where['truncated']}: .* bytes, the manifest says .*data.strict=true"):
-        build_run(cfg, dist_info)
+        Run.open(cfg, dist_info)
     monkeypatch.undo()
 
     data, where = damaged(small, tmp_path / "d2", "truncated", "garbage header")  # a header garbled mid-shard
@@ -162,7 +163,7 @@ def test_mask_shares_choose_what_the_masked_tokens_become():
     """80/10/10 by default; with all of them [MASK] the input keeps no answer to copy."""
     import numpy as np
 
-    from pipeline.data import mask_tokens
+    from pipeline.masking import mask_tokens
 
     ids = np.arange(10, 4010)
     specs = {"bert": MaskSpec(0.5, 5000, 4, (0, 1, 2, 3, 4)),

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from pipeline.selector import Selector
+from pipeline.sift.hook import Selector
 from tests.conftest import free_port, tiny_config
 from tests.test_tracking_outage import MlflowServer
 

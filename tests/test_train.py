@@ -59,9 +59,9 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tiny_data, tmp_path, dist
 def test_export_loads_and_gives_the_engines_logits(tiny_data, tmp_path, dist_info):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from pipeline.data import MaskSpec, eval_batches
+    from pipeline.data import eval_batches
     from pipeline.manifest import Manifest
-    from pipeline.run_setup import build_run
+    from pipeline.run import Run
     from pipeline.train import train
 
     cfg = tiny_config(tiny_data, tmp_path, "train.max_steps=3")
@@ -70,7 +70,7 @@ def test_export_loads_and_gives_the_engines_logits(tiny_data, tmp_path, dist_inf
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
     manifest = Manifest.load(str(tiny_data))
     assert len(tokenizer) == manifest.vocab_size
-    run = build_run(cfg, dist_info)  # resumes the final checkpoint into a fresh engine
+    run = Run.open(cfg, dist_info)  # resumes the final checkpoint into a fresh engine
     assert run.progress.step == 3
     batch = eval_batches(manifest, run.spec, samples=8, batch=8, rank=0, world=1)[0]
     run.engine.eval()

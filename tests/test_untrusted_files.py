@@ -90,7 +90,7 @@ def test_checkpoints_with_a_pickle_payload_are_refused_and_exports_are_safetenso
                                                                                     monkeypatch):
     import deepspeed
 
-    from pipeline.run_setup import build_run
+    from pipeline.run import Run
     from pipeline.train import train
 
     out = tmp_path / "run"
@@ -106,9 +106,9 @@ def test_checkpoints_with_a_pickle_payload_are_refused_and_exports_are_safetenso
     monkeypatch.setattr(deepspeed, "initialize", lambda **kw: pytest.fail("deepspeed.initialize was reached"))
     with pytest.raises(RuntimeError, match=r"mp_rank_00_model_states.pt: refusing to load this checkpoint.*"
                                            r"Unsupported global: GLOBAL (io|builtins).open"):
-        build_run(tiny_config(tiny_data, out, "train.max_steps=4"), dist_info)  # resuming it
+        Run.open(tiny_config(tiny_data, out, "train.max_steps=4"), dist_info)  # resuming it
     with pytest.raises(RuntimeError, match="refusing to load this checkpoint"):
-        build_run(tiny_config(tiny_data, tmp_path / "warm", f"train.init_from={out}"), dist_info)  # warm start
+        Run.open(tiny_config(tiny_data, tmp_path / "warm", f"train.init_from={out}"), dist_info)  # warm start
     assert not marker.exists()
     torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)  # control: a plain load runs it
     assert marker.exists()
