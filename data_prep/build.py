@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from tqdm import tqdm
@@ -35,6 +36,46 @@ BATCH_DOCS = 1000
 BATCH_CHARS = 1 << 20
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+    """How documents are read from the inputs and split into train and validation (build and tokenizer)."""
+    text_field: str = "text"  # JSON Lines: the document's field
+    text_column: str = "text"  # CSV / Parquet / datasets: the text column
+    doc_separator: str = "line"  # plain text: "line" or "blank" (blank-line separated paragraphs)
+    input_format: str | None = None  # None: from each file's extension
+    skip_bad: bool = False  # skip and count bad documents/files instead of failing
+    val_fraction: float = 0.05
+    seed: int = 0  # salt of the validation split hash
+    lowercase: bool = True  # a trained vocab lowercases
+
+    @property
+    def reader(self) -> dict[str, str]:
+        """The keyword arguments of readers.read_documents."""
+        return {"text_field": self.text_field, "text_column": self.text_column, "doc_separator": self.doc_separator}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions(ReadOptions):
+    """Everything `build_shards` needs besides the inputs and the output directory (docs/DATA_PREP.md)."""
+    seq_len: int
+    vocab_size: int | None = None  # train a WordPiece vocab of this size ...
+    tokenizer_dir: str | None = None  # ... or use this tokenizer directory
+    samples_per_shard: int = 10_000
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    workers: int = 1  # tokenizing processes
+    part: int = 0  # this slice of the input files (0-based) ...
+    parts: int = 1  # ... of this many (then `merge`)
+    progress: bool | None = None  # None: a progress bar only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_dir is not None:  # a Path is welcome; the manifest records a string
+            object.__setattr__(self, "tokenizer_dir", os.fspath(self.tokenizer_dir))
+
+    def flags(self) -> dict[str, Any]:
+        """The options recorded in the manifest (how it was built; the progress bar is not)."""
+        return {k: v for k, v in asdict(self).items() if k != "progress"}
+
+
 class ValSplit:
     """Deterministic split by document content: blake2b(seed, text) < val_fraction * 2**64.
 
@@ -50,16 +91,17 @@ class ValSplit:
         return int.from_bytes(h, "big") < self.threshold
 
 
-def _check_flags(seq_len: int, vocab_size: int | None, tokenizer_dir: str | None,
-                 val_fraction: float, workers: int, part: int, parts: int, doc_separator: str) -> None:
+def _check_flags(o: BuildOptions) -> None:
+    seq_len, vocab_size, tokenizer_dir, workers, part, parts = (o.seq_len, o.vocab_size, o.tokenizer_dir,
+                                                                o.workers, o.part, o.parts)
     if not isinstance(seq_len, int) or seq_len < MIN_SEQ_LEN:
         raise DataPrepError(f"--seq-len {seq_len} is too small: at least {MIN_SEQ_LEN} "
                             "([CLS] + tokens + [SEP])")
     if (vocab_size is None) == (tokenizer_dir is None):
         raise DataPrepError("give exactly one of --vocab-size (train a WordPiece vocab) and "
                             "--tokenizer (an existing tokenizer directory)")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataPrepError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if not 0.0 <= o.val_fraction < 1.0:
+        raise DataPrepError(f"--val-fraction {o.val_fraction}: must be in [0, 1)")
     if workers < 1:
         raise DataPrepError(f"--workers {workers}: must be at least 1")
     if parts < 1 or not 0 <= part < parts:
@@ -67,6 +109,10 @@ def _check_flags(seq_len: int, vocab_size: int | None, tokenizer_dir: str | None
     if parts > 1 and tokenizer_dir is None:
         raise DataPrepError("--parts > 1 needs one shared tokenizer: train it once with "
                             "`python -m data_prep tokenizer` and pass --tokenizer")
+    _check_separator(o.doc_separator)
+
+
+def _check_separator(doc_separator: str) -> None:
     if doc_separator not in DOC_SEPARATORS:
         raise DataPrepError(f"--doc-separator {doc_separator!r}: must be one of {DOC_SEPARATORS}")
 
@@ -102,15 +148,16 @@ def _fingerprint(st: _SourceStats) -> tuple[str | None, int | None]:
         return None, None
 
 
-def _documents(sources: list[Source], stats: list[_SourceStats] | None, skip_bad: bool,
-               opts: dict) -> Iterator[tuple[int, str | None]]:
+def _documents(sources: list[Source], stats: list[_SourceStats] | None, opts: ReadOptions
+               ) -> Iterator[tuple[int, str | None]]:
     """(source index, text) of every good document; (index, None) at the end of each source.
 
     A bad document raises BadInputError naming file and line, unless ``skip_bad``; with ``stats``
     the documents are counted (the encoding pass), without (the vocab-training pass) they are not."""
+    skip_bad = opts.skip_bad
     for si, src in enumerate(sources):
         st = stats[si] if stats is not None else None
-        it = read_documents(src, **opts)
+        it = read_documents(src, **opts.reader)
         while True:
             try:
                 doc = next(it)
@@ -136,12 +183,11 @@ def _documents(sources: list[Source], stats: list[_SourceStats] | None, skip_bad
         yield si, None
 
 
-def _batches(sources: list[Source], stats: list[_SourceStats], skip_bad: bool, opts: dict,
-             splitter: ValSplit) -> Iterator[tuple[Any, list[str], list[bool]]]:
+def _batches(sources: list[Source], stats: list[_SourceStats], opts: ReadOptions, splitter: ValSplit) -> Iterator[tuple[Any, list[str], list[bool]]]:
     texts: list[str] = []
     is_val: list[bool] = []
     chars = 0
-    for si, text in _documents(sources, stats, skip_bad, opts):
+    for si, text in _documents(sources, stats, opts):
         if text is not None:
             texts.append(text)
             is_val.append(splitter(text))
@@ -152,20 +198,21 @@ def _batches(sources: list[Source], stats: list[_SourceStats], skip_bad: bool, o
 
 
 def _get_tokenizer(sources: list[Source], vocab_size: int | None, tokenizer_dir: str | None,
-                   skip_bad: bool, opts: dict, splitter: ValSplit, lowercase: bool) -> TokenizerInfo:
+                   opts: ReadOptions) -> TokenizerInfo:
     if tokenizer_dir is not None:
         return load_tokenizer(tokenizer_dir)
     assert vocab_size is not None
     counted = [0]
+    splitter = ValSplit(opts.val_fraction, opts.seed)
 
     def train_texts() -> Iterator[str]:
-        for _, text in _documents(sources, None, skip_bad, opts):
+        for _, text in _documents(sources, None, opts):
             if text is not None and not splitter(text):
                 counted[0] += 1
                 yield text
 
     t0 = time.perf_counter()
-    hf = train_wordpiece(train_texts(), vocab_size, lowercase=lowercase)
+    hf = train_wordpiece(train_texts(), vocab_size, lowercase=opts.lowercase)
     if counted[0] == 0:
         raise DataPrepError(f"empty corpus: no training documents in {[s.path for s in sources]}")
     info = check_tokenizer(hf, "trained")
@@ -199,45 +246,29 @@ def _place_tokenizer(info: TokenizerInfo, out_dir: str, parts: int, created: lis
         created.append(final)
 
 
-def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: int | None = None,
-                 tokenizer_dir: str | None = None, val_fraction: float = 0.05,
-                 samples_per_shard: int = 10_000, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 workers: int = 1, part: int = 0, parts: int = 1, skip_bad: bool = False,
-                 text_field: str = "text", text_column: str = "text", doc_separator: str = "line",
-                 input_format: str | None = None, lowercase: bool = True, seed: int = 0,
-                 progress: bool | None = None) -> dict:
-    """Shard ``inputs`` into ``out_dir``; returns the manifest (also written to disk).
-
-    ``progress=None`` shows a progress bar only when stderr is a terminal. See docs/DATA_PREP.md.
-    """
+def build_shards(inputs: list[str], out_dir: str, options: BuildOptions) -> dict:
+    """Shard ``inputs`` into ``out_dir``; returns the manifest (also written to disk). See docs/DATA_PREP.md."""
     t_start = time.perf_counter()
+    o = options
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out_dir = os.fspath(out_dir)
-    tokenizer_dir = os.fspath(tokenizer_dir) if tokenizer_dir is not None else None
-    _check_flags(seq_len, vocab_size, tokenizer_dir, val_fraction, workers, part, parts,
-                 doc_separator)
-    all_sources = expand_inputs(inputs, input_format)
+    _check_flags(o)
+    seq_len, part, parts, progress = o.seq_len, o.part, o.parts, o.progress
+    all_sources = expand_inputs(inputs, o.input_format)
     sources = [s for i, s in enumerate(all_sources) if i % parts == part]
-    opts = {"text_field": text_field, "text_column": text_column, "doc_separator": doc_separator}
-    splitter = ValSplit(val_fraction, seed)
-    flags = {"seq_len": seq_len, "vocab_size": vocab_size, "tokenizer_dir": tokenizer_dir,
-             "val_fraction": val_fraction, "samples_per_shard": samples_per_shard,
-             "max_shard_bytes": max_shard_bytes, "workers": workers, "part": part, "parts": parts,
-             "skip_bad": skip_bad, "text_field": text_field, "text_column": text_column,
-             "doc_separator": doc_separator, "input_format": input_format,
-             "lowercase": lowercase, "seed": seed}
+    splitter = ValSplit(o.val_fraction, o.seed)
     created_dir = outdir.prepare(out_dir, part, parts)
     created: list[str] = []
     writers: dict[str, ShardWriter] = {}
     try:
-        tok = _get_tokenizer(sources, vocab_size, tokenizer_dir, skip_bad, opts, splitter, lowercase)
+        tok = _get_tokenizer(sources, o.vocab_size, o.tokenizer_dir, o)
         _place_tokenizer(tok, out_dir, parts, created)
         dtype = id_dtype(tok.vocab_size)
         tag = outdir.part_tag(part, parts)
         for split in ("train", "val"):
             writers[split] = ShardWriter(
-                out_dir, split, seq_len=seq_len, dtype=dtype, samples_per_shard=samples_per_shard,
-                max_shard_bytes=max_shard_bytes, part_tag=tag,
+                out_dir, split, seq_len=seq_len, dtype=dtype, samples_per_shard=o.samples_per_shard,
+                max_shard_bytes=o.max_shard_bytes, part_tag=tag,
                 on_shard=lambda rec: created.append(os.path.join(out_dir, rec["name"])))
         stats = [_SourceStats(s) for s in sources]
         cls_id, sep_id = tok.special_ids["cls"], tok.special_ids["sep"]
@@ -247,8 +278,8 @@ def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: i
         t0 = time.perf_counter()
         n_docs = n_tokens = 0
         tok_file = os.path.join(out_dir, outdir.TOKENIZER_DIR, "tokenizer.json")
-        with Encoder(tok_file, workers=workers, sep_id=sep_id, dtype=dtype) as enc, bar:
-            for (si, last, is_val), out in enc.map(_batches(sources, stats, skip_bad, opts, splitter)):
+        with Encoder(tok_file, workers=o.workers, sep_id=sep_id, dtype=dtype) as enc, bar:
+            for (si, last, is_val), out in enc.map(_batches(sources, stats, o, splitter)):
                 st = stats[si]
                 for length, v in zip(out.lengths.tolist(), is_val):
                     if length == 0:
@@ -281,7 +312,7 @@ def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: i
         if totals["train"]["samples"] == 0 and parts == 1:
             raise DataPrepError(f"corpus too small: {n_tokens} tokens give no training sequence of "
                                 f"--seq-len {seq_len}")
-        manifest = _manifest(tok, seq_len, dtype.name, shards, records, flags, part, parts,
+        manifest = _manifest(tok, seq_len, dtype.name, shards, records, o.flags(), part, parts,
                              len(all_sources))
         name = MANIFEST if parts == 1 else part_manifest_name(part, parts)
         created.append(os.path.join(out_dir, name))
@@ -337,22 +368,16 @@ def _log_summary(m: dict, total_s: float, n_docs: int, n_tokens: int, encode_s: 
                 total_s, encode_s, n_docs / max(encode_s, 1e-9), n_tokens / max(encode_s, 1e-9))
 
 
-def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int, val_fraction: float = 0.05,
-                    skip_bad: bool = False, text_field: str = "text", text_column: str = "text",
-                    doc_separator: str = "line", input_format: str | None = None,
-                    lowercase: bool = True, seed: int = 0) -> dict:
+def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int, options: ReadOptions = ReadOptions()) -> dict:
     """Train a WordPiece vocab on the train-split documents of all inputs and save it to
     ``out_dir`` (for ``--parts`` builds, which must share one tokenizer). Returns its identity."""
-    if doc_separator not in DOC_SEPARATORS:
-        raise DataPrepError(f"--doc-separator {doc_separator!r}: must be one of {DOC_SEPARATORS}")
+    _check_separator(options.doc_separator)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise DataPrepError(f"--out {out_dir} is not empty: use a new directory or remove this one")
-    sources = expand_inputs(inputs, input_format)
-    opts = {"text_field": text_field, "text_column": text_column, "doc_separator": doc_separator}
-    info = _get_tokenizer(sources, vocab_size, None, skip_bad, opts, ValSplit(val_fraction, seed),
-                          lowercase)
+    sources = expand_inputs(inputs, options.input_format)
+    info = _get_tokenizer(sources, vocab_size, None, options)
     save_tokenizer(info, out_dir)
     return {"dir": out_dir, "vocab_size": info.vocab_size, "vocab_sha256": info.vocab_sha256,
             "special_ids": info.special_ids}

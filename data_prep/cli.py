@@ -77,26 +77,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _read_options(args: argparse.Namespace) -> dict:
+    """The ReadOptions fields from the reader flags (build and tokenizer share them)."""
+    names = ("input_format", "text_field", "text_column", "doc_separator", "skip_bad", "val_fraction", "seed")
+    return {**{k: getattr(args, k) for k in names}, "lowercase": not args.cased}
+
+
 def _run(args: argparse.Namespace) -> int:
-    common = {k: getattr(args, k) for k in ("input_format", "text_field", "text_column",
-                                            "doc_separator", "skip_bad", "val_fraction", "seed")
-              if hasattr(args, k)}
     if args.cmd == "build":
-        from .build import build_shards
+        from .build import BuildOptions, build_shards
         from .manifest import summary
 
-        m = build_shards(args.input, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
-                         tokenizer_dir=args.tokenizer_dir, samples_per_shard=args.samples_per_shard,
-                         max_shard_bytes=args.max_shard_bytes, workers=args.workers,
-                         part=args.part, parts=args.parts, lowercase=not args.cased,
-                         progress=False if args.no_progress else None, **common)
-        print(summary(m))
+        options = BuildOptions(seq_len=args.seq_len, vocab_size=args.vocab_size, tokenizer_dir=args.tokenizer_dir,
+                               samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                               workers=args.workers, part=args.part, parts=args.parts,
+                               progress=False if args.no_progress else None, **_read_options(args))
+        print(summary(build_shards(args.input, args.out, options)))
         return 0
     if args.cmd == "tokenizer":
-        from .build import train_tokenizer
+        from .build import ReadOptions, train_tokenizer
 
         info = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size,
-                               lowercase=not args.cased, **common)
+                               options=ReadOptions(**_read_options(args)))
         print(json.dumps(info, indent=2))
         return 0
     if args.cmd == "merge":

@@ -17,12 +17,12 @@ from tests.conftest import REPO, clean_env, write_corpus
 
 def build_small_data(root: Path, documents: int = 120) -> Path:
     """~8 train shards of 16 samples (seq_len 32) and one val shard: an epoch is a few steps."""
-    from data_prep.build import build_shards
+    from data_prep.build import BuildOptions, build_shards
 
     root.mkdir(parents=True, exist_ok=True)
     corpus = write_corpus(root / "corpus.txt", documents=documents, seed=3)
     out = root / "shards"
-    build_shards([str(corpus)], str(out), seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16)
+    build_shards([str(corpus)], str(out), BuildOptions(seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16))
     return out
 
 

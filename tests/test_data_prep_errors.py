@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.build import build_shards
+from data_prep.build import BuildOptions, build_shards
 from data_prep.errors import BadInputError, DataPrepError
 from data_prep.tokenizer import load_tokenizer
 
@@ -66,7 +66,7 @@ def test_bad_input_names_file_and_line(tmp_path, name, fname, data, pattern, rea
     src = write(tmp_path / fname, data)
     out = tmp_path / "out"
     with pytest.raises(BadInputError, match=pattern):
-        build_shards([src], str(out), seq_len=16, vocab_size=60)
+        build_shards([src], str(out), BuildOptions(seq_len=16, vocab_size=60))
     assert not out.exists()  # nothing half-written is left behind
 
 
@@ -74,7 +74,7 @@ def test_bad_input_names_file_and_line(tmp_path, name, fname, data, pattern, rea
 def test_skip_bad_skips_and_counts(tmp_path, name, fname, data, pattern, reason):
     src = write(tmp_path / fname, data)
     ok = write(tmp_path / "ok.txt", good_lines())
-    m = build_shards([src, ok], str(tmp_path / "out"), seq_len=16, vocab_size=60, skip_bad=True)
+    m = build_shards([src, ok], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60, skip_bad=True))
     s = next(s for s in m["sources"] if s["path"] == src)
     d = s["documents"]
     assert d["in"] == d["kept"] + d["skipped"]
@@ -90,10 +90,10 @@ def test_unreadable_file(tmp_path):
     src = tmp_path / "io_error.txt"  # opens, then every read fails with EIO (even as root)
     src.symlink_to("/proc/self/mem")
     with pytest.raises(BadInputError, match=r"io_error\.txt:1: read error"):
-        build_shards([str(src)], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+        build_shards([str(src)], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60))
     assert not (tmp_path / "out").exists()
     ok = write(tmp_path / "ok.txt", good_lines())
-    m = build_shards([str(src), ok], str(tmp_path / "out"), seq_len=16, vocab_size=60, skip_bad=True)
+    m = build_shards([str(src), ok], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60, skip_bad=True))
     bad = next(s for s in m["sources"] if s["path"] == str(src))
     assert "io_error.txt" in bad["error"] and bad["documents"]["in"] == 0 and bad["sha256"] is None
     assert m["documents"]["kept"] == 60
@@ -115,34 +115,34 @@ def test_unreadable_file(tmp_path):
 def test_bad_flags(tmp_path, kwargs, pattern):
     src = write(tmp_path / "a.txt", good_lines())
     with pytest.raises(DataPrepError, match=pattern):
-        build_shards([src], str(tmp_path / "out"), **kwargs)
+        build_shards([src], str(tmp_path / "out"), BuildOptions(**kwargs))
     assert not (tmp_path / "out").exists()
 
 
 def test_empty_corpus(tmp_path):
     src = write(tmp_path / "empty.txt", b"\n   \n\n")
     with pytest.raises(DataPrepError, match=r"empty corpus.*empty\.txt"):
-        build_shards([src], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+        build_shards([src], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60))
     src = write(tmp_path / "blank.jsonl", b'{"text": ""}\n{"text": "  "}\n')
     with pytest.raises(DataPrepError, match=r"empty corpus.*blank\.jsonl"):
-        build_shards([src], str(tmp_path / "out"), seq_len=16, tokenizer_dir=_tokenizer(tmp_path))
+        build_shards([src], str(tmp_path / "out"), BuildOptions(seq_len=16, tokenizer_dir=_tokenizer(tmp_path)))
 
 
 def test_corpus_too_small_for_seq_len(tmp_path):
     src = write(tmp_path / "short.txt", b"one tiny document\n")
     with pytest.raises(DataPrepError, match=r"too small.*--seq-len 512"):
-        build_shards([src], str(tmp_path / "out"), seq_len=512, tokenizer_dir=_tokenizer(tmp_path))
+        build_shards([src], str(tmp_path / "out"), BuildOptions(seq_len=512, tokenizer_dir=_tokenizer(tmp_path)))
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_inputs(tmp_path):
     with pytest.raises(BadInputError, match=r"nope\.txt: no such file"):
-        build_shards([str(tmp_path / "nope.txt")], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+        build_shards([str(tmp_path / "nope.txt")], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60))
     with pytest.raises(DataPrepError, match=r"no files match"):
-        build_shards([str(tmp_path / "*.jsonl")], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+        build_shards([str(tmp_path / "*.jsonl")], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60))
     src = write(tmp_path / "a.docx", b"x")
     with pytest.raises(DataPrepError, match=r"a\.docx: cannot tell the format"):
-        build_shards([src], str(tmp_path / "out"), seq_len=16, vocab_size=60)
+        build_shards([src], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60))
 
 
 def test_output_dir_not_empty(tmp_path):
@@ -151,7 +151,7 @@ def test_output_dir_not_empty(tmp_path):
     out.mkdir()
     (out / "notes.md").write_text("someone else's file")
     with pytest.raises(DataPrepError, match=r"out is not empty \(notes\.md\)"):
-        build_shards([src], str(out), seq_len=16, vocab_size=60)
+        build_shards([src], str(out), BuildOptions(seq_len=16, vocab_size=60))
     assert os.listdir(out) == ["notes.md"]
 
 
@@ -180,7 +180,7 @@ def test_tiny_vocab_tokenizer_is_refused(tmp_path):
     (mixed / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(40)) + "\n")
     with pytest.raises(DataPrepError, match=r"tokens but its vocab\.txt has 40"):
         build_shards([write(tmp_path / "a.txt", good_lines())], str(tmp_path / "out"),
-                     seq_len=16, tokenizer_dir=str(mixed))
+                     BuildOptions(seq_len=16, tokenizer_dir=str(mixed)))
     with pytest.raises(DataPrepError, match=r"--tokenizer .*nowhere: no such directory"):
         load_tokenizer(str(tmp_path / "nowhere"))
 
