@@ -76,7 +76,7 @@ def run_config(preset: str, micro_batch: int, *overrides: str):
 
     path = REPO / "configs" / f"{preset}.yaml"
     base = [f"model.preset={preset}", f"train.micro_batch={micro_batch}", "train.grad_accum=1",
-            "train.ds_configs=[ds_configs/base.json, ds_configs/cpu.json]", "tracking.enabled=false"]
+            "train.ds_configs=[ds_configs/base.json]", "tracking.enabled=false"]
     return load_config(str(path) if path.is_file() else None, base + list(overrides))
 
 
@@ -95,7 +95,7 @@ def build_engine(cfg, vocab: int, seq: int):
     from pipeline.ds_config import build_ds_config
     from pipeline.model import build_model
 
-    ds_config = build_ds_config(cfg, 1)
+    ds_config = build_ds_config(cfg, 1, "cpu")
     torch.manual_seed(cfg.train.seed * 1000)
     model = build_model(cfg.model, vocab, seq, PAD)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)

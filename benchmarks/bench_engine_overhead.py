@@ -10,8 +10,7 @@ Part `overhead`: samples/s of three arms on the same model, batch and initial we
 process, interleaved round by round (the order rotates), median over rounds:
   plain     a plain PyTorch loop: model(ids, labels).loss.backward(), clip_grad_norm_, AdamW.step,
             zero_grad (torch.optim.AdamW with the DeepSpeed JSON's betas/eps and the run's lr/wd);
-  engine    deepspeed.initialize as pipeline.run.Run.open does it (ds_configs/base.json +
-            cpu.json): engine(...), engine.backward, engine.step;
+  engine    deepspeed.initialize as pipeline.run.Run.open does it (ds_configs/base.json): engine(...), engine.backward, engine.step;
   pipeline  pipeline.step.train_step, the training step itself (vanilla policy): lr set, selector, forward, finite
             check, engine.backward, the plain grad norm, engine.step, loss.item().
 Goal (issue 3): pipeline / plain >= 0.95.

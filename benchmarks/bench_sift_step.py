@@ -6,7 +6,7 @@
 Every table is printed twice: by the wall clock and by this process's CPU time (the selector's
 CPU time for the scoring column). On a shared machine run with --threads 1 and read the CPU clock.
 
-One engine (built as pipeline.run.Run.open builds it, ds_configs/base.json + cpu.json) and
+One engine (built as pipeline.run.Run.open builds it, ds_configs/base.json) and
 one pipeline.sift.hook.Selector per arm; every arm runs pipeline.step.train_step (bench_common.
 PipelineStep): vanilla draws m candidates, sift@k draws m * oversample and keeps m. Arms run in one
 process, interleaved round by round (the order rotates), median over rounds.

@@ -48,7 +48,11 @@ def run_cli(train: Callable, argv: list[str] | None = None) -> int:
     from pipeline import distributed
     from pipeline.manifest import DataError
 
-    info = distributed.init_distributed()
+    try:
+        info = distributed.init_distributed(cfg.train.device)
+    except distributed.DeviceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     setup_logging(info.rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

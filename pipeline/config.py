@@ -65,7 +65,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/demo"
-    ds_configs: list[str] = field(default_factory=lambda: ["ds_configs/base.json", "ds_configs/cpu.json"])
+    ds_configs: list[str] = field(default_factory=lambda: ["ds_configs/base.json"])
     micro_batch: int = 16  # m: samples backpropagated per rank per micro-step
     grad_accum: int = 1
     lr: float = 5e-4
@@ -84,6 +84,7 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 5
     seed: int = 0
     threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
+    device: str = "auto"  # auto | cpu | cuda; auto: cuda when usable, and an error when GPUs were asked for but none works
     resume: bool = True  # resume from the newest complete checkpoint in out_dir
     export: bool = True  # write a Hugging Face model directory at the end
     record_keys: bool = False  # write each step's candidate and kept sample keys to out_dir/keys/
@@ -250,6 +251,7 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     _check(t.threads >= 0, "train.threads", "must be >= 0")
+    _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
     _check(not (m.pre_layernorm and t.export), "train.export",
            "a model.pre_layernorm=true model is not a standard Hugging Face BERT: set train.export=false")
     _check(bool(t.ds_configs), "train.ds_configs", "needs at least one DeepSpeed JSON")

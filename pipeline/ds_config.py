@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
+import logging
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OWNED_BY_RUN_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -51,9 +53,13 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg: Config, world_size: int, device_type: str) -> dict[str, Any]:
     """Merged JSON + the derived batch arithmetic:
-    train_batch_size = micro_batch * grad_accum * world_size (samples backpropagated per optimizer step)."""
+    train_batch_size = micro_batch * grad_accum * world_size (samples backpropagated per optimizer step).
+
+    The optimizer is torch's AdamW (`torch_adam` in base.json), fused on CUDA: DeepSpeed's own FusedAdam
+    is JIT-compiled with nvcc at deepspeed.initialize, which a machine without the CUDA toolkit cannot do.
+    ds_configs/offload_optimizer.json turns torch_adam off for DeepSpeed's CPU Adam (compiled with gcc)."""
     merged: dict[str, Any] = {}
     for path in cfg.train.ds_configs:
         merged = deep_merge(merged, read_json(resolve_path(path)))
@@ -64,18 +70,20 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     merged["gradient_clipping"] = t.grad_clip
     optimizer = merged.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer.setdefault("params", {}).update({"lr": t.lr, "weight_decay": t.weight_decay})
-    if os.environ.get("DS_ACCELERATOR") == "cpu" and _needs_torch_adam(merged):
-        optimizer["params"]["torch_adam"] = True  # DeepSpeed's fused Adam would JIT-compile a GPU op
+    params = optimizer["params"]
+    if device_type == "cuda" and params.get("torch_adam") and not _offloaded(merged):
+        params.setdefault("fused", True)  # one kernel for all parameters (foreach on CPU: the tested numerics)
     stage = merged.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.ds_configs: zero_optimization.stage must be 0-3, got {stage!r}")
+    if stage == 0 and merged.get("bf16", {}).get("enabled"):
+        log.warning("bf16 at ZeRO stage 0 trains the bf16 weights themselves, without fp32 master weights: "
+                    "add ds_configs/zero1.json or zero2.json for mixed precision (docs/GPU.md)")
     return merged
 
 
-def _needs_torch_adam(ds: dict[str, Any]) -> bool:
-    offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    adam = str(ds.get("optimizer", {}).get("type", "")).lower() in ("adam", "adamw")
-    return adam and not offloaded and "torch_adam" not in ds["optimizer"].get("params", {})
+def _offloaded(ds: dict[str, Any]) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

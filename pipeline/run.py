@@ -64,7 +64,7 @@ class Run:
         manifest = Manifest.load(cfg.data.dir)
         preflight.check_run(cfg, info.world_size, manifest)  # every input checked before the heavy work
         out_dir = _writable_dir(Path(cfg.train.out_dir))
-        ds_config = build_ds_config(cfg, info.world_size)
+        ds_config = build_ds_config(cfg, info.world_size, info.device.type)
         torch.manual_seed(cfg.train.seed * 1000 + info.rank)
         model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
         if cfg.train.init_from:
@@ -94,6 +94,8 @@ class Run:
         client_state, rank_state = loaded
         self.progress = Progress(**client_state["progress"])
         torch.set_rng_state(rank_state["torch_rng"])
+        if "cuda_rng" in rank_state:  # dropout masks on the GPU come from this rank's device generator
+            torch.cuda.set_rng_state(rank_state["cuda_rng"], self.info.device)
         self.selector.load_state_dict(rank_state["selector"])
         self.faults = DataFaults(**rank_state.get("data_faults", {}))
         self._started = time.perf_counter() - self.progress.wall_clock_s
@@ -151,6 +153,8 @@ class Run:
         p.mlflow_run_id = self.tracker.run_id or p.mlflow_run_id
         rank_state = {"torch_rng": torch.get_rng_state(), "selector": self.selector.state_dict(),
                       "data_faults": asdict(self.faults)}
+        if self.info.device.type == "cuda":
+            rank_state["cuda_rng"] = torch.cuda.get_rng_state(self.info.device)
         checkpoint.save(self.engine, self.out_dir / "checkpoints", p.step, {"progress": asdict(p)}, rank_state,
                         self.info, self.cfg.train.keep_checkpoints)
         self.tracker.log_metrics({"data/skipped_corrupt": counts[0].item(), "data/repeated_samples": counts[1].item()},

@@ -98,7 +98,7 @@ def overrides(*items: str):
 def ds_json(text: str):
     def mutate(data: Path, out: Path, tmp: Path) -> list[str]:
         (tmp / "bad.json").write_text(text)
-        return [f"train.ds_configs=[ds_configs/base.json, ds_configs/cpu.json, {tmp / 'bad.json'}]"]
+        return [f"train.ds_configs=[ds_configs/base.json, {tmp / 'bad.json'}]"]
     return mutate
 
 

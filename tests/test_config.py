@@ -57,8 +57,8 @@ def test_bad_config_file(tmp_path):
 
 def test_ds_config_batch_arithmetic_is_derived_in_one_place():
     cfg = load_config(None, ["train.micro_batch=4", "train.grad_accum=3", "train.lr=0.01",
-                             "train.ds_configs=[ds_configs/base.json, ds_configs/zero2.json, ds_configs/cpu.json]"])
-    ds = build_ds_config(cfg, world_size=2)
+                             "train.ds_configs=[ds_configs/base.json, ds_configs/zero2.json]"])
+    ds = build_ds_config(cfg, world_size=2, device_type="cpu")
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
     assert ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["optimizer"]["params"]["lr"] == 0.01
@@ -69,18 +69,24 @@ def test_ds_config_may_not_set_batch_sizes(tmp_path):
     bad.write_text(json.dumps({"train_batch_size": 64}))
     cfg = load_config(None, [f"train.ds_configs=[ds_configs/base.json, {bad}]"])
     with pytest.raises(ConfigError, match="bad.json sets 'train_batch_size'"):
-        build_ds_config(cfg, world_size=1)
+        build_ds_config(cfg, world_size=1, device_type="cpu")
     cfg = load_config(None, ["train.ds_configs=[ds_configs/nope.json]"])
     with pytest.raises(ConfigError, match="nope.json not found"):
-        build_ds_config(cfg, world_size=1)
+        build_ds_config(cfg, world_size=1, device_type="cpu")
 
 
-def test_cpu_runs_use_torch_adam_even_without_cpu_json(monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    cfg = load_config(None, ["train.ds_configs=[ds_configs/base.json, ds_configs/zero2.json]"])
-    assert build_ds_config(cfg, world_size=1)["optimizer"]["params"]["torch_adam"] is True
-    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
-    assert "torch_adam" not in build_ds_config(cfg, world_size=1)["optimizer"]["params"]
+def test_adamw_is_torchs_and_never_needs_a_compiler():
+    """DeepSpeed turns a bare "AdamW" into its FusedAdam, JIT-built with nvcc at deepspeed.initialize
+    (no nvcc: the run dies at start). base.json asks for torch's AdamW, fused on CUDA. Checked to fail
+    with torch_adam removed from ds_configs/base.json."""
+    cfg = load_config(None, ["train.ds_configs=[ds_configs/base.json, ds_configs/zero2.json, ds_configs/bf16.json]"])
+    cpu = build_ds_config(cfg, world_size=1, device_type="cpu")["optimizer"]["params"]
+    cuda = build_ds_config(cfg, world_size=1, device_type="cuda")["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and "fused" not in cpu  # foreach on CPU: the tested numerics
+    assert cuda["torch_adam"] is True and cuda["fused"] is True
+    offload = load_config(None, ["train.ds_configs=[ds_configs/base.json, ds_configs/zero2.json, "
+                                 "ds_configs/offload_optimizer.json]"])
+    assert build_ds_config(offload, world_size=1, device_type="cuda")["optimizer"]["params"]["torch_adam"] is False
 
 
 def test_no_config_key_looks_like_a_secret_to_the_mlflow_scrubber():

@@ -102,7 +102,7 @@ def test_zero3_scores_selects_and_trains_like_zero0(tiny_data, tmp_path, dist_in
 
     results = {}
     for stage in (0, 3):
-        ds = "[ds_configs/base.json, ds_configs/cpu.json" + (", ds_configs/zero3.json]" if stage else "]")
+        ds = "[ds_configs/base.json" + (", ds_configs/zero3.json]" if stage else "]")
         cfg = tiny_config(tiny_data, tmp_path / f"z{stage}", "select.policy=sift", "train.max_steps=5",
                           f"train.ds_configs={ds}", "train.record_keys=true", "train.export=false")
         train(cfg, dist_info)
@@ -128,7 +128,7 @@ def test_two_ranks_zero2_select_from_their_own_shards(tiny_data, tmp_path):
            "--config", str(REPO / "configs/tiny.yaml"), "--set", f"data.dir={tiny_data}",
            "--set", f"train.out_dir={out}", "--set", f"tracking.uri=sqlite:///{out}/mlflow.db",
            "--set", "select.policy=sift", "--set", "train.max_steps=6", "--set", "train.record_keys=true",
-           "--set", "train.ds_configs=[ds_configs/base.json, ds_configs/cpu.json, ds_configs/zero2.json]"]
+           "--set", "train.ds_configs=[ds_configs/base.json, ds_configs/zero2.json]"]
     result = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=180,
                             executable=str(Path(sys.executable).with_name("torchrun")))
     assert result.returncode == 0, result.stderr[-3000:]

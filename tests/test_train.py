@@ -18,7 +18,7 @@ from tests.fault_helpers import journal, run_ok, train_cmd
 def test_zero_stages_train_a_few_steps(tiny_data, tmp_path, dist_info, stage):
     from pipeline.train import train
 
-    ds = ["ds_configs/base.json", "ds_configs/cpu.json"] + ([f"ds_configs/zero{stage}.json"] if stage else [])
+    ds = ["ds_configs/base.json"] + ([f"ds_configs/zero{stage}.json"] if stage else [])
     cfg = tiny_config(tiny_data, tmp_path, f"train.ds_configs=[{', '.join(ds)}]", "train.max_steps=4",
                       "train.export=false", "select.policy=sift")  # exit-layer scoring under every stage
     metrics = train(cfg, dist_info)
