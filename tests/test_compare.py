@@ -7,12 +7,14 @@ import time
 
 import pytest
 
-from pipeline.compare import (
-    EvalPoint, RunData, accuracy_at_time, auto_target, first_reaching, group_rows,
-    latest_per_step, main,
-    resolve_target, run_row, samples_to_target, spread, time_to_target, tracking_uri,
+from pipeline.compare.cli import main, resolve_target
+from pipeline.compare.plots import group_labels, run_styles
+from pipeline.compare.report import runs_table
+from pipeline.compare.runs import latest_per_step, tracking_uri
+from pipeline.compare.stats import (
+    EvalPoint, RunData, accuracy_at_time, auto_target, first_reaching, group_rows, run_row,
+    samples_to_target, spread, time_to_target,
 )
-from pipeline.compare_plots import group_labels, run_styles, runs_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
