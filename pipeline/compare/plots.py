@@ -1,7 +1,6 @@
 """The PNG plots of a comparison.
 
-One line per run, colour per (policy, exit layer), linestyle per seed, the target accuracy as a
-horizontal line and each run's first eval at or above it marked. They use the Agg canvas on
+One line per run, colour per method, linestyle per seed, the target as a horizontal line and each run's first eval at or above it marked. They use the Agg canvas on
 explicit `Figure` objects, so there is no pyplot global state and no display.
 """
 from __future__ import annotations
@@ -13,9 +12,8 @@ from typing import Callable, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.compare.stats import (
-    BASELINE_POLICY, EvalPoint, RunData, first_reaching, group_order,
-)
+from pipeline.compare.methods import method_order
+from pipeline.compare.stats import BASELINE_POLICY, EvalPoint, RunData, first_reaching
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +24,10 @@ PROBE_KEYS = (("probe/spearman", "Spearman (exit vs exact loss)"),
 
 # ----------------------------------------------------------------------------- plots
 def group_labels(runs: Sequence[RunData]) -> dict[tuple[str, str], str]:
-    """"policy@exit" for policies compared at several exit layers, else the policy alone (the
-    trainer logs a default exit layer for policies that do not use it)."""
-    layers: dict[str, set[str]] = {}
-    for r in runs:
-        layers.setdefault(r.policy, set()).add(r.exit_layer)
-    return {r.group: f"{r.policy}@{r.exit_layer}" if len(layers[r.policy]) > 1 else r.policy
-            for r in runs}
+    """(policy, select.exit_layer) as logged -> the method the runs are compared as: "policy@exit"
+    for a policy whose exit layer is a knob, the policy alone for the others (the trainer logs a
+    default exit layer for them too)."""
+    return {r.group: r.method for r in runs}
 
 
 def _seed_order(seed: str) -> tuple[int, float | str]:
@@ -43,24 +38,28 @@ def _seed_order(seed: str) -> tuple[int, float | str]:
 
 
 def legend_order(runs: Sequence[RunData], baseline: str = BASELINE_POLICY) -> list[RunData]:
-    """Runs sorted baseline first, then by (policy, exit layer), then by seed."""
-    return sorted(runs, key=lambda r: (group_order(r.group, baseline), _seed_order(r.seed),
+    """Runs sorted baseline first, then by method, then by seed."""
+    return sorted(runs, key=lambda r: (method_order(r.method, baseline), _seed_order(r.seed),
                                        r.name))
 
 
 def run_styles(runs: Sequence[RunData], baseline: str = BASELINE_POLICY) -> dict[str, dict]:
-    """run_id -> line kwargs: a colour per (policy, exit layer), the baseline black and drawn on
-    top; a linestyle per seed."""
-    others = sorted({r.group for r in runs if r.policy != baseline},
-                    key=lambda g: group_order(g, baseline))
-    seeds = sorted({r.seed for r in runs}, key=_seed_order)
+    """run_id -> line kwargs: a colour per method, the baseline black and drawn on top; a
+    linestyle per seed."""
     labels = group_labels(runs)
-    return {r.run_id: {
-        "color": "black" if r.policy == baseline else f"C{others.index(r.group) % 10}",
-        "zorder": 3 if r.policy == baseline else 2,
-        "linestyle": LINESTYLES[seeds.index(r.seed) % len(LINESTYLES)],
-        "label": f"{labels[r.group]} seed {r.seed} ({r.name})",
-    } for r in runs}
+    others = sorted({labels[r.group] for r in runs} - {baseline},
+                    key=lambda m: method_order(m, baseline))
+    seeds = sorted({r.seed for r in runs}, key=_seed_order)
+    styles = {}
+    for r in runs:
+        method = labels[r.group]
+        styles[r.run_id] = {
+            "color": "black" if method == baseline else f"C{others.index(method) % 10}",
+            "zorder": 3 if method == baseline else 2,
+            "linestyle": LINESTYLES[seeds.index(r.seed) % len(LINESTYLES)],
+            "label": f"{method} seed {r.seed} ({r.name})",
+        }
+    return styles
 
 
 def _new_figure(nrows: int = 1) -> tuple[Figure, list]:
@@ -84,8 +83,8 @@ def _legend(ax) -> None:
 
 def plot_accuracy(runs: Sequence[RunData], target: float, path: Path,
                   x_of: Callable[[EvalPoint], float | None], xlabel: str, title: str,
-                  baseline: str = BASELINE_POLICY) -> Path:
-    """Eval accuracy against x_of(eval); evals without an x value are left out of the line."""
+                  baseline: str = BASELINE_POLICY, metric: str = "eval/accuracy") -> Path:
+    """The target metric against x_of(eval); evals without an x value are left out of the line."""
     fig, (ax,) = _new_figure()
     styles = run_styles(runs, baseline)
     for run in legend_order(runs, baseline):
@@ -102,7 +101,7 @@ def plot_accuracy(runs: Sequence[RunData], target: float, path: Path,
     ax.axhline(target, color="grey", linestyle="--", linewidth=1.2, zorder=1,
                label=f"target {target:.4f} (o: first eval at or above)")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("eval MLM accuracy")
+    ax.set_ylabel(metric)
     ax.set_title(title)
     _legend(ax)
     return _save(fig, path)
@@ -131,16 +130,16 @@ def plot_probe(runs: Sequence[RunData], path: Path,
 
 
 def write_plots(runs: Sequence[RunData], target: float, out_dir: Path,
-                baseline: str = BASELINE_POLICY) -> list[Path]:
+                baseline: str = BASELINE_POLICY, metric: str = "eval/accuracy") -> list[Path]:
     """All comparison PNGs into out_dir; returns the paths written."""
     written = [
         plot_accuracy(runs, target, out_dir / "accuracy_vs_train_time.png",
                       lambda p: p.train_time_s, "training time (s, eval/train_time_s)",
-                      "Eval accuracy vs training wall-clock", baseline),
+                      f"{metric} vs training wall-clock", baseline, metric),
         plot_accuracy(runs, target, out_dir / "accuracy_vs_samples.png",
                       lambda p: p.samples_backpropagated,
                       "samples backpropagated (eval/samples_backpropagated)",
-                      "Eval accuracy vs samples backpropagated", baseline),
+                      f"{metric} vs samples backpropagated", baseline, metric),
     ]
     probe = plot_probe(runs, out_dir / "approximation_quality.png", baseline)
     return written + ([probe] if probe is not None else [])

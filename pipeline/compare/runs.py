@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from pipeline.compare.methods import MASK_ACCURACY, MASK_ACCURACY_REF, THROUGHPUT_KEYS
 from pipeline.compare.stats import EvalPoint, RunData
 
 logger = logging.getLogger(__name__)
@@ -18,8 +19,11 @@ logger = logging.getLogger(__name__)
 KIND_TAG = "sift.kind"
 PARAM_KEYS = {"policy": "select.policy", "exit_layer": "select.exit_layer",
               "oversample": "select.oversample", "seed": "train.seed"}
-EVAL_KEYS = ("eval/accuracy", "eval/train_time_s", "eval/samples_backpropagated")
-SERIES_KEYS = ("time/step_s", "select/scoring_share", "probe/spearman", "probe/topk_overlap")
+DERIVED_EXIT_KEY = "derived.exit_layer"
+METRICS = ("eval/accuracy", MASK_ACCURACY)  # what --metric may choose; the first is the default
+PROGRESS_KEYS = ("eval/train_time_s", "eval/samples_backpropagated")
+SERIES_KEYS = ("time/step_s", "select/scoring_share", "probe/spearman", "probe/topk_overlap",
+               MASK_ACCURACY, *THROUGHPUT_KEYS.values())
 
 
 def tracking_uri(cli_uri: str | None) -> str:
@@ -44,16 +48,21 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
                            for m in client.get_metric_history(run_id, key))
 
 
-def load_run(client, run) -> RunData:
-    """Params, eval points (joined on step) and per-step series of one MLflow run."""
+def load_run(client, run, metric: str = METRICS[0]) -> RunData:
+    """Params, eval points of `metric` (joined on step with the progress counters) and the
+    per-step series of one MLflow run."""
     params, logged = run.data.params, run.data.metrics
     data = RunData(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8],
                    experiment_id=run.info.experiment_id,
+                   derived_exit=params.get(DERIVED_EXIT_KEY),
+                   mask_accuracy_ref=logged.get(MASK_ACCURACY_REF),
                    **{attr: params.get(key, "-") for attr, key in PARAM_KEYS.items()})
     acc, time_s, samples = (_history(client, data.run_id, k) if k in logged else {}
-                            for k in EVAL_KEYS)
+                            for k in (metric, *PROGRESS_KEYS))
     data.evals = [EvalPoint(step, acc[step], time_s.get(step), samples.get(step))
                   for step in sorted(acc)]
+    if not acc:
+        logger.warning("run %s logged no %s", data.name, metric)
     missing = sum(p.train_time_s is None for p in data.evals)
     if missing:
         logger.warning("run %s: %d evals without eval/train_time_s", data.name, missing)
@@ -90,12 +99,13 @@ def find_runs(client, experiment: str | None, run_ids: Sequence[str] | None) -> 
                   key=lambda r: r.info.start_time or 0)
 
 
-def log_comparison(client, experiment_id: str, files: Sequence[Path],
-                   target: float, rule: str, n_runs: int) -> str:
+def log_comparison(client, experiment_id: str, files: Sequence[Path], target: float, rule: str,
+                   n_runs: int, metric: str = METRICS[0]) -> str:
     """A new run tagged sift.kind=comparison holding the table and plots as artifacts."""
     run = client.create_run(experiment_id, run_name="comparison", tags={KIND_TAG: "comparison"})
     run_id = run.info.run_id
     try:
+        client.log_param(run_id, "compare.metric", metric)
         client.log_param(run_id, "compare.target", f"{target:.6f}")
         client.log_param(run_id, "compare.target_rule", rule[:500])
         client.log_param(run_id, "compare.n_runs", n_runs)

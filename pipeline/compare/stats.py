@@ -1,27 +1,54 @@
-"""The arithmetic of a comparison: eval curves in, times and samples to a target out.
+"""The arithmetic of a comparison: eval curves in, times and samples to a target out, and how much
+of a difference between methods is noise.
 
-Pure functions on lists of `EvalPoint` and on plain row dicts, so they are tested without MLflow
-or matplotlib and the CLI's `--help` does not pay for importing either. A target a run never
-reached stays "not reached": nothing is interpolated between evals.
+Pure functions on lists of `EvalPoint` and on plain numbers, so they are tested without MLflow or
+matplotlib and the CLI's `--help` does not pay for importing either. A target a run never reached
+stays "not reached": nothing is interpolated between evals.
 """
 from __future__ import annotations
 
+import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 BASELINE_POLICY = "vanilla"
 NOT_REACHED = "not reached"
+# Policies whose select.exit_layer is not a knob: vanilla and random score nothing, exact and
+# selective_backprop score at the last layer whatever the param says. Their runs are one method.
+FIXED_EXIT_POLICIES = frozenset({"vanilla", "random", "exact", "selective_backprop"})
+NO_EXIT = ("", "-")
+
+# Two-sided 95% quantiles of Student's t (0.975 quantile) by degrees of freedom; math.inf is the
+# normal limit. Between entries the next lower df is used, which widens an interval slightly
+# rather than narrowing it (and keeps scipy out of the dependencies).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+        17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064,
+        25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000,
+        120: 1.980, math.inf: 1.960}
 
 
 # ----------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class EvalPoint:
-    """One evaluation: the accuracy and the progress counters logged at the same step."""
+    """One evaluation: the target metric's value and the progress counters logged at that step
+    (`accuracy` holds whichever metric the comparison is on, `--metric`)."""
     step: int
     accuracy: float
     train_time_s: float | None = None
     samples_backpropagated: float | None = None
+
+
+def method_name(policy: str, exit_layer: str | None) -> str:
+    """'policy@exit' where the exit layer is a knob of the policy, else the policy name alone.
+
+    Runs are compared per method: sift at exit 1 and at exit 2 are different methods, while a
+    vanilla run's select.exit_layer param is a default nobody chose and must not split vanilla.
+    """
+    if policy in FIXED_EXIT_POLICIES or exit_layer is None or exit_layer in NO_EXIT:
+        return policy
+    return f"{policy}@{exit_layer}"
 
 
 @dataclass
@@ -30,27 +57,51 @@ class RunData:
     name: str
     experiment_id: str
     policy: str = "-"
-    exit_layer: str = "-"
+    exit_layer: str = "-"                    # the select.exit_layer param, as logged
     oversample: str = "-"
     seed: str = "-"
+    derived_exit: str | None = None          # derived.exit_layer: the exit that ran (None: absent)
+    mask_accuracy_ref: float | None = None   # eval/mask_accuracy_ref: the context-free level
     evals: list[EvalPoint] = field(default_factory=list)
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # key -> (step, v)
 
     @property
     def group(self) -> tuple[str, str]:
+        """(policy, select.exit_layer) as logged; `method` is what runs are compared by."""
         return (self.policy, self.exit_layer)
+
+    @property
+    def method(self) -> str:
+        """The method this run measures, from the exit layer that ran when the trainer logged it."""
+        exit_layer = self.exit_layer if self.derived_exit is None else self.derived_exit
+        return method_name(self.policy, exit_layer)
 
 
 @dataclass(frozen=True)
 class Spread:
+    """Values over seeds: mean, range, population std (`std`), and where n >= 2 the sample std
+    (`sd`, n-1) and the 95% Student-t confidence interval of the mean."""
     mean: float
     min: float
     max: float
     std: float
     n: int
+    sd: float | None = None
+    ci95_low: float | None = None
+    ci95_high: float | None = None
 
 
-# ----------------------------------------------------------------------------- pure arithmetic
+@dataclass(frozen=True)
+class Welch:
+    """Welch's two-sample t-test at 5% (two-sided): unequal variances, Satterthwaite df.
+    t, df and critical are None when neither side varies (there is no t to compute)."""
+    t: float | None
+    df: float | None
+    critical: float | None
+    significant: bool
+
+
+# ----------------------------------------------------------------------------- curves
 def first_reaching(evals: Sequence[EvalPoint], target: float) -> EvalPoint | None:
     """The first eval (in step order) whose accuracy is >= target; None if none is."""
     for point in sorted(evals, key=lambda p: p.step):
@@ -75,6 +126,11 @@ def final_accuracy(evals: Sequence[EvalPoint]) -> float | None:
     return max(evals, key=lambda p: p.step).accuracy if evals else None
 
 
+def last_value(series: Sequence[tuple[int, float]]) -> float | None:
+    """The value at the highest step of a (step, value) series (None if it is empty)."""
+    return max(series)[1] if series else None
+
+
 def accuracy_at_time(evals: Sequence[EvalPoint], time_s: float) -> float | None:
     """Accuracy of the last eval at or before `time_s` of training time (None if none was)."""
     before = [p for p in evals if p.train_time_s is not None and p.train_time_s <= time_s]
@@ -96,81 +152,56 @@ def auto_target(baseline_curves: Sequence[Sequence[EvalPoint]], fraction: float 
     return min(reached)
 
 
-def group_order(group: tuple[str, str], baseline: str = BASELINE_POLICY) -> tuple:
-    """Sort key for (policy, exit layer): the baseline first, then by policy, exit layer as int."""
-    policy, exit_layer = group
-    layer = (0, int(exit_layer), "") if exit_layer.isdigit() else (1, 0, exit_layer)
-    return (policy != baseline, policy, layer)
-
-
+# ----------------------------------------------------------------------------- noise
 def mean_or_none(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
 
 
+def t_quantile_975(df: float) -> float:
+    """Student t's 0.975 quantile at `df` degrees of freedom (>= 1), from T975: the next lower
+    tabulated df, so a fractional Welch df gives a slightly conservative critical value."""
+    if not df >= 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return T975[max(k for k in T975 if k <= df)]
+
+
 def spread(values: Sequence[float | None]) -> Spread | None:
-    """Mean, min, max and population std of the values that are present (None if none is)."""
+    """Mean, range and std of the values that are present, with the 95% confidence interval of
+    the mean (t with n-1 df) when there are two or more (None if no value is present)."""
     present = [v for v in values if v is not None]
     if not present:
         return None
-    return Spread(statistics.fmean(present), min(present), max(present),
-                  statistics.pstdev(present), len(present))
+    n, mean = len(present), statistics.fmean(present)
+    base = (mean, min(present), max(present), statistics.pstdev(present), n)
+    if n < 2:
+        return Spread(*base)
+    sd = statistics.stdev(present)
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return Spread(*base, sd=sd, ci95_low=mean - half, ci95_high=mean + half)
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> Welch | None:
+    """Welch's t-test of mean(a) vs mean(b) at 5%; None with fewer than two values on a side.
+
+    Chosen over "the intervals do not overlap", which with two or three seeds almost never
+    happens even for real differences (it amounts to a test at well under 1%). When neither side
+    varies at all, any difference in the means counts as significant.
+    """
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:
+        return Welch(None, None, None, diff != 0)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    df = max(df, min(len(a), len(b)) - 1)  # its lower bound, lost to rounding at times
+    t = diff / math.sqrt(va + vb)
+    critical = t_quantile_975(df)
+    return Welch(t, df, critical, abs(t) > critical)
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:
     if value is None or reference is None or reference == 0:
         return None
     return value / reference
-
-
-# ----------------------------------------------------------------------------- rows and groups
-def run_row(run: RunData, target: float) -> dict:
-    """One table row: the numbers `compare` reports for a run (None where absent)."""
-    point = first_reaching(run.evals, target)
-    return {
-        "run_id": run.run_id, "name": run.name, "policy": run.policy,
-        "exit_layer": run.exit_layer, "oversample": run.oversample, "seed": run.seed,
-        "reached": point is not None,
-        "step_to_target": None if point is None else point.step,
-        "time_to_target_s": None if point is None else point.train_time_s,
-        "samples_to_target": None if point is None else point.samples_backpropagated,
-        "final_accuracy": final_accuracy(run.evals),
-        "evals": len(run.evals),
-        "mean_step_s": mean_or_none([v for _, v in run.series.get("time/step_s", [])]),
-        "scoring_share": mean_or_none([v for _, v in run.series.get("select/scoring_share", [])]),
-    }
-
-
-def group_rows(rows: Sequence[dict], baseline: str = BASELINE_POLICY) -> list[dict]:
-    """Per (policy, exit layer): spread over seeds and ratios to the baseline's means.
-
-    Means of time/samples to target are over the runs that reached it (`reached` says k/n);
-    ratios are given only where the baseline reached the target.
-    """
-    base = [r for r in rows if r["policy"] == baseline]
-    base_time = mean_or_none([r["time_to_target_s"] for r in base])
-    base_samples = mean_or_none([r["samples_to_target"] for r in base])
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["policy"], r["exit_layer"]), []).append(r)
-    out = []
-    for (policy, exit_layer), members in sorted(
-            groups.items(), key=lambda item: group_order(item[0], baseline)):
-        time_s = spread([r["time_to_target_s"] for r in members])
-        samples = spread([r["samples_to_target"] for r in members])
-        out.append({
-            "policy": policy, "exit_layer": exit_layer, "runs": len(members),
-            "reached": sum(r["reached"] for r in members),
-            "time_to_target_s": _asdict_or_none(time_s),
-            "samples_to_target": _asdict_or_none(samples),
-            "time_ratio": ratio(None if time_s is None else time_s.mean, base_time),
-            "samples_ratio": ratio(None if samples is None else samples.mean, base_samples),
-            "final_accuracy": _asdict_or_none(spread([r["final_accuracy"] for r in members])),
-            "mean_step_s": mean_or_none([r["mean_step_s"] for r in members]),
-            "scoring_share": mean_or_none([r["scoring_share"] for r in members]),
-        })
-    return out
-
-
-def _asdict_or_none(s: Spread | None) -> dict | None:
-    return None if s is None else asdict(s)
