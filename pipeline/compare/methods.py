@@ -103,7 +103,7 @@ def _asdict_or_none(s: Spread | None) -> dict | None:
 def method_summary(method: str, members: Sequence[dict], base: Sequence[dict],
                    baseline: str = BASELINE_POLICY) -> dict:
     """The summary of one method's runs (`members`) against the baseline's runs (`base`)."""
-    out = {"method": method, "policy": members[0]["policy"],
+    out = {"method": method, "policy": members[0]["policy"],  # exit_layer: as the runs logged it
            "exit_layer": ",".join(sorted({str(r["exit_layer"]) for r in members})),
            "runs": len(members), "reached": sum(bool(r["reached"]) for r in members)}
     for key, ratio_key, versus_key in (("time_to_target_s", "time_ratio", "time_vs_baseline"),

@@ -1,7 +1,8 @@
 """The PNG plots of a comparison.
 
-One line per run, colour per method, linestyle per seed, the target as a horizontal line and each run's first eval at or above it marked. They use the Agg canvas on
-explicit `Figure` objects, so there is no pyplot global state and no display.
+One line per run, colour per method, linestyle per seed, the target as a horizontal line and each
+run's first eval at or above it marked. They use the Agg canvas on explicit `Figure` objects, so
+there is no pyplot global state and no display.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ PROBE_KEYS = (("probe/spearman", "Spearman (exit vs exact loss)"),
               ("probe/topk_overlap", "top-k overlap (exit vs exact)"))
 
 
-# ----------------------------------------------------------------------------- plots
 def group_labels(runs: Sequence[RunData]) -> dict[tuple[str, str], str]:
     """(policy, select.exit_layer) as logged -> the method the runs are compared as: "policy@exit"
     for a policy whose exit layer is a knob, the policy alone for the others (the trainer logs a
