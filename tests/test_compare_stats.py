@@ -13,7 +13,9 @@ import pytest
 from pipeline.compare.cli import parse_args
 from pipeline.compare.methods import versus_baseline
 from pipeline.compare.report import regime_lines
-from pipeline.compare.stats import RunData, method_name, spread, t_quantile_975, welch
+from pipeline.compare.stats import (
+    FIXED_EXIT_POLICIES, RunData, method_name, spread, t_quantile_975, welch,
+)
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline" / "compare"
 
@@ -26,6 +28,12 @@ def test_method_name_splits_only_policies_whose_exit_layer_is_a_knob():
     for policy in ("vanilla", "random", "exact", "selective_backprop"):
         assert method_name(policy, "1") == policy
     assert method_name("sift", "-") == method_name("sift", "") == method_name("sift", None) == "sift"
+
+
+def test_fixed_exit_policies_are_those_the_policy_table_does_not_score_at_the_exit():
+    from pipeline.sift.policies import POLICIES
+
+    assert FIXED_EXIT_POLICIES == {name for name, p in POLICIES.items() if p.scored_at != "exit"}
 
 
 def test_run_method_prefers_the_exit_layer_that_ran():

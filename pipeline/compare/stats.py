@@ -16,6 +16,8 @@ BASELINE_POLICY = "vanilla"
 NOT_REACHED = "not reached"
 # Policies whose select.exit_layer is not a knob: vanilla and random score nothing, exact and
 # selective_backprop score at the last layer whatever the param says. Their runs are one method.
+# (pipeline.sift.policies.POLICIES says the same with scored_at != "exit"; a test keeps the two
+# equal, and compare does not import that table because it imports torch.)
 FIXED_EXIT_POLICIES = frozenset({"vanilla", "random", "exact", "selective_backprop"})
 NO_EXIT = ("", "-")
 
