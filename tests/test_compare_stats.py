@@ -89,6 +89,7 @@ def test_versus_baseline_says_what_the_seeds_allow():
     assert text([16.0, 16.5], [30.0, 31.0]).startswith("outside the noise (Welch t=-25.49 on 1.5")
     assert text([25.0, 35.0], [30.0, 31.0]).startswith("within the spread (Welch")
     assert text([2.0, 2.0], [3.0, 3.0]) == "outside the noise (no spread on either side)"
+    assert text([2.0, 2.0], [2.0, 2.0]) == "within the spread (the same value on every seed)"
     assert versus_baseline("x", [1.0], "vanilla", [2.0, 3.0])["welch"] is None
 
 
@@ -104,6 +105,8 @@ def test_regime_lines_against_the_context_free_reference():
     assert lines[2].startswith("regime unknown for exact")
     assert regime_lines(groups[2:]) == [
         "regime unknown: the runs did not log eval/mask_accuracy_ref and eval/mask_accuracy"]
+    no_ref = [{"method": "vanilla", "final_mask_accuracy": 0.04, "mask_accuracy_ref": None}]
+    assert regime_lines(no_ref) == ["regime unknown: the runs did not log eval/mask_accuracy_ref"]
 
 
 def _imports(path: Path) -> set[str]:

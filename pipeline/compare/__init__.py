@@ -1,4 +1,4 @@
-"""Compare training runs by time and backprops to a target eval metric (`python -m pipeline.compare`).
+"""Compare training runs by time and backprops to a target metric (`python -m pipeline.compare`).
 
 Modules, each importing only those above it:
     stats    the arithmetic: eval curves, targets, spreads, t intervals, Welch (no MLflow)

@@ -70,8 +70,9 @@ def versus_baseline(method: str, values: Sequence[float], baseline: str,
     elif test is None:
         text = "one seed only: not evidence"
     else:
-        numbers = ("no spread on either side" if test.t is None else
-                   f"Welch t={test.t:.2f} on {test.df:.1f} df, 5% critical |t| {test.critical:.2f}")
+        numbers = (f"Welch t={test.t:.2f} on {test.df:.1f} df, 5% critical |t| {test.critical:.2f}"
+                   if test.t is not None else "no spread on either side" if test.significant
+                   else "the same value on every seed")
         text = (f"outside the noise ({numbers})" if test.significant
                 else f"within the spread ({numbers})")
     return {"text": text, "welch": None if test is None else asdict(test)}

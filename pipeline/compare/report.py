@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pipeline.compare.methods import MASK_ACCURACY, MASK_ACCURACY_REF
-from pipeline.compare.stats import BASELINE_POLICY, NOT_REACHED, ratio
+from pipeline.compare.stats import BASELINE_POLICY, NOT_REACHED
 
 # Final [MASK] accuracy below this multiple of the context-free (most-frequent-token) accuracy
 # counts as the plateau: the model predicts a [MASK] from word frequency, not from its context,
@@ -90,7 +90,8 @@ def groups_table(groups: Sequence[dict], baseline: str = BASELINE_POLICY,
 
 
 def throughput_table(groups: Sequence[dict]) -> str:
-    """Per method: step time, scoring share and throughput, means over its runs ('-': not logged)."""
+    """Per method: step time, scoring share and throughput, means over its runs, '-' where its
+    runs did not log them."""
     return markdown_table(["method", *(h for h, _, _ in THROUGHPUT_COLUMNS)],
                           [[g["method"], *_throughput_cells(g)] for g in groups])
 
@@ -112,27 +113,36 @@ def baseline_line(g: dict, baseline: str = BASELINE_POLICY) -> str:
             f"backprops to target {samples_ratio}, {samples_text}")
 
 
+def _regime_missing(group: dict) -> list[str]:
+    """The metrics a method's regime needs that its runs did not log (a zero reference counts)."""
+    return [key for key, field in ((MASK_ACCURACY_REF, "mask_accuracy_ref"),
+                                   (MASK_ACCURACY, "final_mask_accuracy")) if not group.get(field)]
+
+
 def regime_lines(groups: Sequence[dict]) -> list[str]:
     """Each method's final [MASK] accuracy against the context-free reference, in words.
 
     On the plateau a loss-ranked selection keeps rare words rather than hard examples, so a
     comparison there says little about selection in general; the reader needs to know which.
     """
-    lines = []
+    lines, missing = [], {}
     for g in groups:
-        acc, ref = g.get("final_mask_accuracy"), g.get("mask_accuracy_ref")
-        times = ratio(acc, ref)
-        if times is None:
-            lines.append(f"regime unknown for {g['method']}: no {MASK_ACCURACY_REF} "
-                         f"or {MASK_ACCURACY} logged")
+        if _regime_missing(g):
+            missing[g["method"]] = _regime_missing(g)
+            lines.append(f"regime unknown for {g['method']}: "
+                         f"no {' or '.join(missing[g['method']])}")
             continue
+        acc, ref = g["final_mask_accuracy"], g["mask_accuracy_ref"]
+        times = acc / ref
         where = ("still on the plateau, where a high loss means a rare word"
                  if times < PLATEAU_RATIO else
                  "past the plateau, where [MASK] tokens are predicted from their context")
         lines.append(f"regime: {g['method']} [MASK] accuracy {acc:.3f} vs context-free "
                      f"{ref:.3f} ({times:.2f}x): {where}")
-    if lines and all(line.startswith("regime unknown") for line in lines):
-        return [f"regime unknown: the runs did not log {MASK_ACCURACY_REF} and {MASK_ACCURACY}"]
+    if groups and len(missing) == len(groups):
+        keys = [k for k in (MASK_ACCURACY_REF, MASK_ACCURACY)
+                if any(k in m for m in missing.values())]
+        return [f"regime unknown: the runs did not log {' and '.join(keys)}"]
     return lines
 
 
