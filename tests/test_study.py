@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from benchmarks import study
 from benchmarks.study import parse_method, train_command, parse_args
 from benchmarks.study_diagnostics import read_journal, run_summary, write_diagnostics
 
@@ -35,6 +36,19 @@ def test_train_command_gives_every_arm_the_same_recipe_but_policy_and_seed(tmp_p
     assert "select.exit_layer=2" in a and "select.policy=sift" in a and "train.seed=1" in a
     assert "train.max_seconds=90" in a and "train.lr=0.002" in a
     assert not any(x.startswith("select.exit_layer") for x in b)
+
+
+def test_compare_step_targets_the_mask_accuracy_unless_told(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    monkeypatch.setattr(study, "write_diagnostics", lambda runs_dir, out: [])
+    for extra in ([], ["--metric", "eval/accuracy", "--target", "0.06"]):
+        study.compare(parse_args(["--out", str(tmp_path), *extra]), "exp")
+    assert commands[0][2:] == ["pipeline.compare", "--experiment", "exp", "--metric", "eval/mask_accuracy",
+                               "--target", "auto", "--out", str(tmp_path / "compare" / "exp")]
+    assert commands[1][5:9] == ["--metric", "eval/accuracy", "--target", "0.06"]
+    with pytest.raises(SystemExit):
+        parse_args(["--metric", "eval/loss"])
 
 
 def test_journal_reader_keeps_the_last_value_per_step_and_skips_a_torn_line(tmp_path):
