@@ -97,7 +97,7 @@ def build_engine(cfg, vocab: int, seq: int):
 
     ds_config = build_ds_config(cfg, 1, "cpu")
     torch.manual_seed(cfg.train.seed * 1000)
-    model = build_model(cfg.model, vocab, seq, PAD)
+    model = build_model(cfg.model, vocab, seq)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine, ds_config
 

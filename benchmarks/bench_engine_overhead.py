@@ -46,7 +46,7 @@ def overhead(args: argparse.Namespace) -> dict:
 
     engine, ds_config = bc.build_engine(cfg, args.vocab, args.seq)
     torch.manual_seed(cfg.train.seed * 1000)  # the same initial weights as the engine's model
-    plain = build_model(cfg.model, args.vocab, args.seq, bc.PAD).train()
+    plain = build_model(cfg.model, args.vocab, args.seq).train()
     opt_params = ds_config["optimizer"]["params"]
     optimizer = torch.optim.AdamW(plain.parameters(), lr=cfg.train.lr, betas=tuple(opt_params["betas"]),
                                   eps=opt_params["eps"], weight_decay=cfg.train.weight_decay)

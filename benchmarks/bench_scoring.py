@@ -42,7 +42,7 @@ def main() -> None:
 
     cfg = bc.run_config(args.preset, args.n)
     torch.manual_seed(0)
-    model = build_model(cfg.model, args.vocab, args.seq, bc.PAD)
+    model = build_model(cfg.model, args.vocab, args.seq)
     mlm = model.mlm
     batch = bc.random_batch(args.n, args.seq, args.vocab, np.random.default_rng(0))
     ids, labels = batch["input_ids"], batch["labels"]

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for checkpoint in args.checkpoint:
-        model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
+        model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids)
         load_module_weights(model, str(checkpoint))
         m = split_metrics(model, batches, mask_id)
         results.append({"checkpoint": str(checkpoint), **m})

@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(str(args.config), [f"data.dir={args.data}"])
     manifest = Manifest.load(str(args.data))
     spec = mask_spec(cfg.data, manifest)
-    model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
+    model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids)
     load_module_weights(model, str(args.checkpoint))
     model.eval()
     layers = model.num_layers

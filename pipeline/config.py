@@ -31,16 +31,20 @@ class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key."""
 
 
+ARCHES = ("bert", "modernbert")
+
+
 @dataclass
 class ModelConfig:
-    preset: str = "mini"  # tiny | mini | base | large (pipeline/model.py)
+    arch: str = "bert"  # bert (learned absolute positions, post-LN) | modernbert (rotary, pre-norm, GLU); pipeline/model.py
+    preset: str = "mini"  # tiny | mini | base | large (sizes in PRESETS)
     num_layers: int = 0  # 0 = the preset's value; likewise below
     hidden_size: int = 0
     num_heads: int = 0
     intermediate_size: int = 0
     max_position: int = 0  # 0 = the data's seq_len
     dropout: float = 0.1
-    pre_layernorm: bool = False  # True: pre-LN wiring (pipeline/prenorm.py); not exportable as HF BERT
+    pre_layernorm: bool = False  # bert only, True: pre-LN wiring (pipeline/prenorm.py); not exportable as HF BERT
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -221,6 +225,9 @@ def _check(ok: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Checks that need no data or model; pipeline.train checks the rest against the manifest."""
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.select
+    _check(m.arch in ARCHES, "model.arch", f"must be one of {', '.join(ARCHES)}, got {m.arch!r}")
+    _check(not (m.pre_layernorm and m.arch != "bert"), "model.pre_layernorm",
+           f"rewires BERT only; model.arch {m.arch} has its own norm placement")
     _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
     for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "max_position"):
         _check(getattr(m, name) >= 0, f"model.{name}", "must be >= 0 (0 = preset value)")

@@ -66,7 +66,7 @@ class Run:
         out_dir = _writable_dir(Path(cfg.train.out_dir))
         ds_config = build_ds_config(cfg, info.world_size, info.device.type)
         torch.manual_seed(cfg.train.seed * 1000 + info.rank)
-        model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
+        model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids)
         if cfg.train.init_from:
             checkpoint.load_module_weights(model, cfg.train.init_from)  # a resumable checkpoint in out_dir still wins
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
