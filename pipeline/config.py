@@ -73,8 +73,11 @@ class TrainConfig:
     micro_batch: int = 16  # m: samples backpropagated per rank per micro-step
     grad_accum: int = 1
     lr: float = 5e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the LR decays to lr * min_lr_ratio at the end of the budget
+    schedule: str = "auto"  # steps | time | auto (time when max_seconds is set): pipeline/schedule.py
+    lr_decay: str = "cosine"  # cosine | linear
+    warmup_steps: int = 100  # the steps schedule's warmup
+    warmup_fraction: float = 0.05  # the time schedule's warmup: this fraction of max_seconds
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_steps: int = 1000
@@ -102,8 +105,9 @@ class SelectConfig:
     exit_layer: int = 1  # blocks run for scoring (sift); exact uses num_layers
     sb_beta: float = 1.0  # selective_backprop: keep prob = percentile ** beta
     sb_history: int = 1024  # selective_backprop: losses remembered for the percentile
-    active_from: float = 0.0  # fraction of max_steps at which selection starts
+    active_from: float = 0.0  # fraction of the budget (max_seconds on the time schedule, else max_steps) at which selection starts
     active_to: float = 1.0  # ... and stops; outside it the first m candidates train
+    start_at_mask_accuracy: float = 0.0  # > 0: selection starts when eval/mask_accuracy first reaches this; 0 = off
     every: int = 1  # select on every n-th step only
     probe_every: int = 100  # compare exit-layer vs exact ranking every n steps; 0 = never
 
@@ -248,6 +252,11 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(t.schedule in ("auto", "steps", "time"), "train.schedule", f"must be auto, steps or time, got {t.schedule!r}")
+    _check(t.schedule != "time" or t.max_seconds > 0, "train.schedule",
+           "time spreads the schedule over train.max_seconds: set it (> 0)")
+    _check(t.lr_decay in ("cosine", "linear"), "train.lr_decay", f"must be cosine or linear, got {t.lr_decay!r}")
+    _check(0.0 <= t.warmup_fraction < 1.0, "train.warmup_fraction", f"must be in [0, 1), got {t.warmup_fraction}")
     _check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     _check(t.max_seconds >= 0, "train.max_seconds", "must be >= 0 (0 = no budget)")
     _check(0.0 <= t.target_accuracy <= 1.0, "train.target_accuracy", "must be in [0, 1] (0 = none)")
@@ -276,6 +285,8 @@ def validate(cfg: Config) -> None:
     _check(s.active_from <= s.active_to <= 1.0, "select.active_to",
            f"must be in [active_from, 1] = [{s.active_from}, 1], got {s.active_to}")
     _check(s.every >= 1, "select.every", "must be >= 1")
+    _check(0.0 <= s.start_at_mask_accuracy < 1.0, "select.start_at_mask_accuracy",
+           f"must be in [0, 1) (0 = off), got {s.start_at_mask_accuracy}")
     _check(s.probe_every >= 0, "select.probe_every", "must be >= 0")
 
 

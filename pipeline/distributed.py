@@ -89,25 +89,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def all_reduce_max(value: float, info: DistInfo) -> float:
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """Each value's maximum over the ranks (one small collective): every rank then decides alike."""
     if info.world_size == 1:
-        return value
+        return list(values)
     import torch.distributed as dist
 
-    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
-def all_reduce_flags(flags: list[bool], info: DistInfo) -> list[bool]:
-    """Each flag true on any rank -> true on every rank (one small collective)."""
-    if info.world_size == 1:
-        return list(flags)
-    import torch.distributed as dist
-
-    tensor = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=info.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in tensor.tolist()]
+    return tensor.tolist()
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -17,7 +17,7 @@ class NonFiniteStop(FloatingPointError):
 
 def check_finite(loss: torch.Tensor, info: DistInfo, progress: Progress, max_in_a_row: int) -> bool:
     """False when any rank's loss is NaN/inf: all ranks then skip the micro-step together."""
-    bad = all_reduce_max(float(not torch.isfinite(loss.detach()).item()), info) > 0
+    bad = all_reduce_max([float(not torch.isfinite(loss.detach()).item())], info)[0] > 0
     if not bad:
         progress.nonfinite_in_a_row = 0
         return True

@@ -34,6 +34,7 @@ from pipeline.manifest import DataError, Manifest
 from pipeline.masking import mask_spec
 from pipeline.model import build_model, num_parameters
 from pipeline.progress import Progress
+from pipeline.reference import context_free_reference, train_unigram_counts
 from pipeline.sift.hook import Selector
 from pipeline.step import StepMetrics, window_metrics
 from pipeline.tracking import NullTracker, Tracker, start_tracker
@@ -49,6 +50,7 @@ class Run:
         self.out_dir = out_dir
         self.progress, self.faults = Progress(), DataFaults()  # this rank's faults; saved in its rank state
         self.tracker: Tracker = NullTracker()
+        self.reference: dict[str, float] = {}  # the context-free reference (pipeline/reference.py); on a new run
         self.spec = mask_spec(cfg.data, manifest)
         self.val = eval_batches(manifest, self.spec, samples=cfg.data.eval_samples, batch=cfg.train.micro_batch,
                                 rank=info.rank, world=info.world_size)
@@ -81,6 +83,11 @@ class Run:
         run.progress.mlflow_run_id = run.tracker.run_id or run.progress.mlflow_run_id
         if not resumed:
             run._log_start(ds_config)
+            run.reference = context_free_reference(train_unigram_counts(manifest), run.val, run.spec.mask_id, info)
+            run.tracker.log_metrics(run.reference, run.progress.step)
+            log.info("context-free reference at the eval [MASK] positions: accuracy %.4f (the most frequent "
+                     "token), unigram cross-entropy %.3f", run.reference["eval/mask_accuracy_ref"],
+                     run.reference["eval/unigram_ce"])
         log.info("model %s: %.2fM parameters, ZeRO stage %d, %d ranks", cfg.model.preset,
                  num_parameters(engine.module) / 1e6, zero_stage(ds_config), info.world_size)
         return run
@@ -142,6 +149,16 @@ class Run:
         log.info("step %d: eval loss %.4f accuracy %.4f (at [MASK]: %.4f)", p.step, metrics["eval/loss"],
                  metrics["eval/accuracy"], metrics["eval/mask_accuracy"])
         return metrics
+
+    def start_selection_if_due(self, eval_metrics: dict[str, float]) -> None:
+        """select.start_at_mask_accuracy: the first eval at or above it starts selection (all ranks
+        see the same all-reduced eval, so they start at the same step); recorded as a tag."""
+        threshold = self.cfg.select.start_at_mask_accuracy
+        if self.selector.waiting and eval_metrics["eval/mask_accuracy"] >= threshold:
+            self.selector.start(self.progress.step)
+            self.tracker.set_tags({"select.started_at_step": str(self.progress.step)})
+            log.info("eval [MASK] accuracy %.4f >= %.4f (select.start_at_mask_accuracy): selection on from step %d",
+                     eval_metrics["eval/mask_accuracy"], threshold, self.progress.step)
 
     def save(self) -> None:
         """A checkpoint of the whole run state at this step (every rank takes part)."""

@@ -18,7 +18,7 @@ from pipeline.config import TrainConfig
 from pipeline.distributed import DistInfo
 from pipeline.guards import check_finite
 from pipeline.progress import Progress
-from pipeline.schedule import lr_at
+from pipeline.schedule import budget_fraction, lr_at
 from pipeline.sift.hook import Selector
 
 MicroStepHook = Callable[[int, list[str], list[str], float], None]  # (step, candidate keys, kept keys, loss)
@@ -38,9 +38,11 @@ class StepMetrics:
     kept_unigram_ce: float = math.nan
     pool_unigram_ce: float = math.nan
     probe: dict[str, float] = field(default_factory=dict)
+    selecting: float = 0.0  # 1.0 when the policy selected at this step (select/active)
 
     def as_metrics(self) -> dict[str, float]:
         return {"train/loss": self.loss, "train/lr": self.lr, "train/grad_norm": self.grad_norm,
+                "select/active": self.selecting,
                 "time/step_s": self.step_s, "time/scoring_s": self.scoring_s,
                 "select/scoring_share": self.scoring_s / self.step_s, "select/kept_loss": self.kept_loss,
                 "select/dropped_loss": self.dropped_loss, "select/kept_unigram_ce": self.kept_unigram_ce,
@@ -56,7 +58,8 @@ def train_step(engine, selector: Selector, batches: Iterator[dict], progress: Pr
                t: TrainConfig, *, probe: bool = False, on_micro_step: MicroStepHook | None = None) -> StepMetrics:
     """One optimizer step; updates `progress` (step, samples, training time, non-finite counters)."""
     start = time.perf_counter()
-    lr = lr_at(progress.step, t)
+    lr = lr_at(progress.step, progress.train_time_s, t)
+    fraction = budget_fraction(progress.step, progress.train_time_s, t)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     probe_metrics, probe_s = {}, 0.0
@@ -68,7 +71,7 @@ def train_step(engine, selector: Selector, batches: Iterator[dict], progress: Pr
             probe_start = time.perf_counter()
             probe_metrics = selector.probe(engine.module, batch)
             probe_s += time.perf_counter() - probe_start
-        kept, stats = selector.select(engine.module, batch, progress.step)  # (m, T)
+        kept, stats = selector.select(engine.module, batch, progress.step, fraction)  # (m, T)
         progress.samples_seen += len(batch["keys"]) * info.world_size
         out = engine(kept["input_ids"], kept["labels"])
         if not check_finite(out.loss, info, progress, t.max_nonfinite_in_a_row):
@@ -86,8 +89,10 @@ def train_step(engine, selector: Selector, batches: Iterator[dict], progress: Pr
     progress.step += 1
     step_s = time.perf_counter() - start - probe_s
     progress.train_time_s += step_s
+    selecting = float(selector.policy.oversamples and selector.active(progress.step - 1, fraction))
     return StepMetrics(sum(losses) / len(losses), lr, _grad_norm(engine, plain_norm), step_s, scoring_s,
-                       scoring_cpu_s, mean(kept_loss), mean(dropped_loss), mean(kept_ce), mean(pool_ce), probe_metrics)
+                       scoring_cpu_s, mean(kept_loss), mean(dropped_loss), mean(kept_ce), mean(pool_ce), probe_metrics,
+                       selecting)
 
 
 def window_metrics(window: list[StepMetrics], progress: Progress, seq_len: int, samples_per_step: int

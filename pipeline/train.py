@@ -21,7 +21,7 @@ log = logging.getLogger("pipeline.train")
 def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
     """The whole run; returns the last eval metrics. Resumes from out_dir's newest checkpoint."""
     from pipeline.config import candidates_per_micro_step
-    from pipeline.distributed import all_reduce_flags
+    from pipeline.distributed import all_reduce_max
     from pipeline.progress import progress_bar
     from pipeline.run import Run
     from pipeline.step import train_step
@@ -44,10 +44,11 @@ def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
             p.wall_clock_s = run.clock()
             bar.update(1)
 
-            out_of_time = 0 < t.max_seconds <= p.train_time_s
+            # clocks differ per rank: all take the slowest one's time and the same decisions (ZeRO-3
+            # evals and scoring are collectives; the time schedule sets the LR)
+            p.train_time_s, signalled = all_reduce_max([p.train_time_s, float(stop.requested)], info)
+            stopping = bool(signalled) or 0 < t.max_seconds <= p.train_time_s
             eval_time_due = 0 < t.eval_every_s <= p.train_time_s - p.last_eval_train_s
-            # clocks differ per rank: every rank follows the same decision (ZeRO-3 evals are collectives)
-            stopping, eval_time_due = all_reduce_flags([stop.requested or out_of_time, eval_time_due], info)
             last = p.step == t.max_steps
             if p.step % t.log_every == 0 or last or stopping:
                 run.log_window(window)
@@ -56,12 +57,13 @@ def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
             reached = False
             if p.step % t.eval_every == 0 or last or stopping or eval_time_due:
                 last_eval = run.evaluate()
+                run.start_selection_if_due(last_eval)  # select.start_at_mask_accuracy
                 reached = 0 < t.target_accuracy <= last_eval["eval/accuracy"]
                 stopping = stopping or reached
             if stopping or last or (t.ckpt_every and p.step % t.ckpt_every == 0):
                 run.save()
             if stopping:
-                log.info("stopping at step %d: %s", p.step, "signal" if stop.requested else
+                log.info("stopping at step %d: %s", p.step, "signal" if signalled else
                          "target accuracy reached" if reached else "time budget spent")
                 break
         bar.close()

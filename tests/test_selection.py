@@ -76,7 +76,7 @@ def test_history_keeps_the_newest_finite_losses():
 
 @pytest.mark.parametrize("step,active", [(0, False), (24, False), (25, True), (26, False), (50, True), (75, False)])
 def test_schedule_active_between_fractions_every_nth_step(step, active):
-    assert policies.is_active(step, 100, active_from=0.25, active_to=0.7, every=25) is active
+    assert policies.is_active(step / 100, step, active_from=0.25, active_to=0.7, every=25) is active
 
 
 def test_overlap_and_spearman():

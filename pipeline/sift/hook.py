@@ -37,6 +37,8 @@ class Selector:
         self.policy = POLICIES[cfg.policy]
         self.exit_layer, self.num_layers, self.mask_id = exit_layer, num_layers, mask_id
         self.generator = torch.Generator().manual_seed(seed * 7919 + rank)
+        # select.start_at_mask_accuracy: selection waits for the regime; the loop calls start() after the eval
+        self.started_at_step = -1 if cfg.start_at_mask_accuracy > 0 else 0
         self.history = torch.empty(0)
         self.unigram = torch.ones(vocab_size, dtype=torch.float64)  # add-one counts of masked targets
 
@@ -47,15 +49,31 @@ class Selector:
                    num_layers=cfg.model.shape[0], vocab_size=vocab_size, max_steps=cfg.train.max_steps,
                    seed=cfg.train.seed, rank=rank, mask_id=mask_id)
 
-    def select(self, model: torch.nn.Module, batch: dict, step: int) -> tuple[dict, SelectionStats]:
-        """Returns the kept micro-batch (always m samples) and statistics for logging."""
+    @property
+    def waiting(self) -> bool:
+        """True while selection waits for eval/mask_accuracy to reach select.start_at_mask_accuracy."""
+        return self.started_at_step < 0
+
+    def start(self, step: int) -> None:
+        self.started_at_step = step
+
+    def active(self, step: int, fraction: float) -> bool:
+        """Selecting at this step: started, inside select.active_from..active_to, on an every-th step."""
+        c = self.cfg
+        return not self.waiting and is_active(fraction, step, c.active_from, c.active_to, c.every)
+
+    def select(self, model: torch.nn.Module, batch: dict, step: int, fraction: float | None = None
+               ) -> tuple[dict, SelectionStats]:
+        """Returns the kept micro-batch (always m samples) and statistics for logging. `fraction` is how
+        far through its budget the run is (pipeline.schedule.budget_fraction); default step / max_steps."""
         stats = SelectionStats()
         labels = batch["labels"]
         self._count_unigrams(labels)
         if not self.policy.oversamples:
             return batch, stats
         size = labels.shape[0]
-        if not is_active(step, self.max_steps, self.cfg.active_from, self.cfg.active_to, self.cfg.every):
+        fraction = step / max(self.max_steps, 1) if fraction is None else fraction
+        if not self.active(step, fraction):
             return _take(batch, keep_first(Pool(size, self.m, self.generator))), stats
         if self.policy.scored_at is None:
             keep = self.policy.keep(Pool(size, self.m, self.generator))
@@ -110,12 +128,13 @@ class Selector:
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "history": self.history.cpu().clone(),
-                "unigram": self.unigram.cpu().clone()}
+                "unigram": self.unigram.cpu().clone(), "started_at_step": self.started_at_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.history = state["history"]
         self.unigram = state["unigram"]
+        self.started_at_step = state.get("started_at_step", self.started_at_step)
 
 
 def _take(batch: dict, keep: torch.Tensor) -> dict:

@@ -103,9 +103,8 @@ def update_history(history: torch.Tensor, scores: torch.Tensor, length: int) -> 
     return torch.cat([history, scores[torch.isfinite(scores)].float()])[-length:]
 
 
-def is_active(step: int, max_steps: int, active_from: float, active_to: float, every: int) -> bool:
-    """The selection schedule: on between two fractions of training, on every n-th step."""
-    fraction = step / max(max_steps, 1)
+def is_active(fraction: float, step: int, active_from: float, active_to: float, every: int) -> bool:
+    """The selection schedule: on between two fractions of the budget, on every n-th step."""
     return active_from <= fraction < active_to + 1e-12 and step % every == 0
 
 
