@@ -123,3 +123,18 @@ def test_probe_metrics_reach_the_log_when_log_every_is_above_one(tiny_data, tmp_
     series = read_journal(tmp_path)
     assert [s for s, _ in series["probe/spearman"]] == [4, 8]
     assert [s for s, _ in series["probe/topk_overlap"]] == [4, 8]
+
+
+def test_plateau_summary_reads_times_to_2x_and_half_a_nat_from_a_journal():
+    from benchmarks.plateau import summarize
+
+    rec = lambda step, key, value: {"step": step, "key": key, "value": value}  # noqa: E731
+    records = [rec(0, "eval/mask_accuracy_ref", 0.04), rec(0, "eval/unigram_ce", 6.8)]
+    for step, (seconds, acc, loss) in enumerate([(10, 0.04, 6.85), (20, 0.07, 6.4), (30, 0.081, 6.35),
+                                                 (40, 0.09, 6.0)], start=1):
+        records += [rec(step * 25, "eval/train_time_s", seconds), rec(step * 25, "eval/mask_accuracy", acc),
+                    rec(step * 25, "eval/mask_loss", loss), rec(step * 25, "train/loss", 5.0)]
+    assert summarize(records) == {"mask_accuracy": 0.09, "reference": 0.04, "unigram_ce": 6.8, "mask_loss": 6.0,
+                                  "seconds_to_2x": 30, "seconds_to_half_nat": 40, "steps": 100}
+    never = summarize(records[:2] + records[2:6])
+    assert never["seconds_to_2x"] is None and never["seconds_to_half_nat"] is None
