@@ -34,7 +34,7 @@ def cpu_seconds() -> float:
 
 
 def ours(csv_path: str, column: str, tok_dir: str, work: str, workers: int, seq_len: int) -> dict:
-    from data_prep.build import BuildOptions, ReadOptions, build_shards
+    from data_prep.build import BuildOptions, build_shards
 
     out = os.path.join(work, f"shards-w{workers}")
     shutil.rmtree(out, ignore_errors=True)
@@ -86,7 +86,7 @@ def main() -> None:
     import webdataset
 
     from data_prep import __version__
-    from data_prep.build import BuildOptions, ReadOptions, train_tokenizer
+    from data_prep.build import ReadOptions, train_tokenizer
     from data_prep.demo_corpus import fetch_demo_corpus
 
     datasets.disable_progress_bars()

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.errors import ConfigError, set_key
 
 # model.preset -> (layers, hidden, heads, intermediate); model.* keys override single values
 PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -25,10 +27,6 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
     "base": (12, 768, 12, 3072),  # BERT-base, as in the paper
     "large": (24, 1024, 16, 4096),
 }
-
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the key."""
 
 
 ARCHES = ("bert", "modernbert")
@@ -139,8 +137,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=5e-4")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+            raise ConfigError(f"override {item!r} is not key=value", "--set", "write it as --set train.lr=5e-4")
+        try:
+            parsed = yaml.safe_load(value)  # parsed as the YAML file's values are
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(f"value {value!r} is not valid YAML ({problem})", key.strip(),
+                              f"quote it or fix the brackets: --set {key.strip()}=...") from None
+        _set_dotted(raw, key.strip(), parsed)
     cfg = _build(Config, raw, prefix="")
     validate(cfg)
     return cfg
@@ -148,16 +152,21 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 def _read_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path}: not found")
-    text = Path(path).read_text()
+        raise ConfigError("config file not found", path, "pass an existing file to --config (see configs/)")
     try:
+        text = Path(path).read_text()
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError("config file is not text", path, "pass a YAML or JSON run config (see configs/)") from None
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"config file {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}") from err
+        kind = "JSON" if path.endswith(".json") else "YAML"
+        problem = " ".join(str(err).split())
+        raise ConfigError(f"config file is not valid {kind}: {problem}", path, "fix the syntax at the place named") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+        raise ConfigError("config file's top level is not a mapping of sections", path,
+                          "write it as sections: model:, data:, train:, select:, tracking:")
     return data
 
 
@@ -167,18 +176,20 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
+            raise ConfigError(f"{part} is not a section", key, "override one key at a time, e.g. --set train.lr=5e-4")
     node[parts[-1]] = value
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"expected a mapping of keys, got {raw!r}", where, f"write {where} as key: value lines")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix}{key} (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown config key {prefix}{key}", f"{prefix}{key}",
+                              f"use one of {', '.join(sorted(names))} (python -m pipeline.train --print-config lists all)")
     kwargs = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -196,34 +207,45 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"expected a list, got {value!r}", key, set_key(key, "[a, b]"))
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: union types are not supported in the config")
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"expected true or false, got {value!r}", key, set_key(key, "true"))
+    if hint in (int, float):
+        return _number(value, hint, key)
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {hint}")
+        raise ConfigError(f"expected a string, got {value!r}", key, set_key(key))
+    raise ConfigError(f"unsupported type {hint}", key, "this is a bug in pipeline/config.py: report it")
+
+
+def _number(value: Any, hint: type, key: str) -> int | float:
+    """An int or float key's value: a number, or a string that reads as one. YAML 1.1 reads 5e-4
+    (no dot) as a string, so a file and --set both get 5e-4 = 1e-3 / 2 right. Never NaN or inf."""
+    kind = "an integer" if hint is int else "a number"
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip().replace("_", ""))
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"expected {kind}, got {value!r}", key, set_key(key, "3" if hint is int else "5e-4"))
+    if not math.isfinite(number):
+        raise ConfigError(f"expected a finite number, got {value!r}", key, set_key(key))
+    if hint is int:
+        if float(number).is_integer():
+            return int(number)
+        raise ConfigError(f"expected an integer, got {value!r}", key, set_key(key, str(int(number))))
+    return float(number)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {message}")
+        raise ConfigError(message, key, set_key(key))
 
 
 def validate(cfg: Config) -> None:

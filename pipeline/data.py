@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,14 +19,21 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from pipeline.errors import DataError
 from pipeline.manifest import Manifest
 from pipeline.masking import EVAL_MASK_SEED, MaskSpec, mask_tokens, sample_seed
 
 log = logging.getLogger(__name__)
 
 
-class CorruptSampleError(RuntimeError):
-    """A sample or shard that cannot be decoded; the message names the shard."""
+STRICT_FIX = "restore the shard or rebuild the shards; with data.strict=false it is skipped and counted"
+
+
+class CorruptSampleError(DataError):
+    """A sample or shard that cannot be decoded; `where` is the shard."""
+
+    def __init__(self, what: str, where: str, fix: str = STRICT_FIX) -> None:
+        super().__init__(what, where, fix)
 
 
 class SampleMismatchError(CorruptSampleError):
@@ -36,18 +44,19 @@ def decode_sample(sample: dict, seq_len: int, vocab_size: int) -> tuple[str, np.
     """Shard sample -> (key, token ids). Never unpickles; rejects unsafe names and bad arrays."""
     key, url = sample.get("__key__", ""), sample.get("__url__", "?")
     if ".." in key or key.startswith("/") or "/" in key:
-        raise CorruptSampleError(f"{url}: unsafe member name {key!r} (contains '..' or a path)")
+        raise CorruptSampleError(f"unsafe member name {key!r} (contains '..' or a path)", url,
+                                 "use shards written by data_prep only")
     payload = sample.get("input_ids.npy")
     if payload is None:
-        raise CorruptSampleError(f"{url}: sample {key!r} has no input_ids.npy (members: {sorted(sample)})")
+        raise CorruptSampleError(f"sample {key!r} has no input_ids.npy (members: {sorted(sample)})", url)
     try:
         ids = np.load(io.BytesIO(payload), allow_pickle=False)
     except Exception as err:  # numpy raises ValueError/OSError/EOFError on bad bytes or pickles
-        raise CorruptSampleError(f"{url}: sample {key!r}: not a plain .npy array ({err})") from err
+        raise CorruptSampleError(f"sample {key!r} is not a plain .npy array ({err})", url) from err
     if ids.ndim != 1 or ids.shape[0] != seq_len or ids.dtype.kind not in "iu":
-        raise SampleMismatchError(f"{url}: sample {key!r}: expected {seq_len} integer ids, got {ids.dtype}{ids.shape}")
+        raise SampleMismatchError(f"sample {key!r}: expected {seq_len} integer ids, got {ids.dtype}{ids.shape}", url)
     if ids.size and int(ids.max()) >= vocab_size:
-        raise SampleMismatchError(f"{url}: sample {key!r}: token id {int(ids.max())} >= vocab size {vocab_size}")
+        raise SampleMismatchError(f"sample {key!r}: token id {int(ids.max())} >= vocab size {vocab_size}", url)
     return key, ids
 
 
@@ -66,19 +75,22 @@ class SkipCounter:
         if self.strict:
             if isinstance(exn, CorruptSampleError):  # raised here before, on its way up through webdataset
                 raise exn
-            raise CorruptSampleError(f"corrupt shard data: {where} (data.strict=true)") from exn
+            found = re.search(r"[^\s'\"<>]+\.tar\b", " ".join(map(str, exn.args)))  # webdataset names it somewhere
+            shard = found.group(0) if found else "a shard"
+            raise CorruptSampleError(f"corrupt shard data, with data.strict=true ({exn.args[0]})", shard) from exn
         log.warning("corrupt shard data, skipped: %s", where)
         return True
 
     def bad_sample(self, err: CorruptSampleError, url: str, key: str) -> None:
         if self.strict:
-            raise type(err)(f"{err} (data.strict=true)") from err
+            raise type(err)(f"{err.what}, with data.strict=true", err.where, err.fix) from err
         self._count((url, key), 1, str(err))
 
     def short_shard(self, url: str, got: int, expected: int) -> None:
         message = f"{url}: {got} readable samples, the manifest says {expected} (truncated or damaged shard)"
         if self.strict:
-            raise CorruptSampleError(f"{message} (data.strict=true)")
+            raise CorruptSampleError(f"{got} readable samples, the manifest says {expected} (truncated or damaged "
+                                     "shard), with data.strict=true", url)
         if got < expected:
             self._count((url, "<short>"), expected - got, message)
         else:
@@ -137,7 +149,7 @@ def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCo
 
 def _is_payload(name: str) -> bool:
     if name.startswith("/") or ".." in name.split("/"):
-        raise CorruptSampleError(f"unsafe tar member name {name!r}")
+        raise CorruptSampleError(f"unsafe tar member name {name!r}", "a shard", "use shards written by data_prep only")
     return name.endswith(".input_ids.npy")
 
 
@@ -202,7 +214,8 @@ class CandidateBatches(torch.utils.data.IterableDataset):
                 if produced >= needed:
                     return
             if produced == before:
-                raise CorruptSampleError(f"rank {self.rank}: no readable sample in {self.urls}")
+                raise CorruptSampleError(f"rank {self.rank} found no readable sample in its shards",
+                                         ", ".join(self.urls)[:300], "restore or rebuild the shards")
             self.padded += needed - produced
             log.warning("rank %d epoch %d: stream short by %d samples (corrupt data?); repeating it",
                         self.rank, self.epoch, needed - produced)
@@ -260,11 +273,12 @@ def eval_batches(manifest: Manifest, spec: MaskSpec, *, samples: int, batch: int
     Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward)."""
     urls = [manifest.url(s) for s in manifest.shards("val")]
     if not urls:
-        raise CorruptSampleError(f"{manifest.path}: no validation shards")
+        raise DataError("the manifest lists no validation shards", manifest.path,
+                        "rebuild with python -m data_prep build --val-fraction 0.05")
     per_rank = min(samples, manifest.split_samples("val")) // world
     if per_rank == 0:
-        raise CorruptSampleError(f"{manifest.path}: {manifest.split_samples('val')} validation samples "
-                                 f"cannot give each of {world} ranks one")
+        raise DataError(f"{manifest.split_samples('val')} validation samples cannot give each of {world} ranks one",
+                        manifest.path, "use fewer ranks or rebuild with a larger --val-fraction")
     mine: list[tuple[str, np.ndarray]] = []
     expected = {manifest.url(s): int(s["samples"]) for s in manifest.shards("val")}
     stream = shard_stream(urls, manifest.seq_len, spec.vocab_size, SkipCounter(strict), expected=expected)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +28,7 @@ class DistInfo:
 GPU_REQUEST_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
 
 
-class DeviceError(ValueError):
+class DeviceError(InputError):
     """GPUs were asked for and none is usable (exit 2, like any other bad input)."""
 
 
@@ -48,7 +50,7 @@ def choose_device(requested: str = "auto", env: dict[str, str] | None = None) ->
     if asked:
         why = "built without CUDA" if torch.version.cuda is None else "no usable CUDA device or driver"
         raise DeviceError(f"GPUs were asked for ({', '.join(asked)}) but none is usable (torch {torch.__version__}: "
-                          f"{why}) (train.device): install torch's CUDA build (README, 'CUDA machines') or "
+                          f"{why})", "train.device", "install torch's CUDA build (README, 'CUDA machines') or "
                           "run on the CPU with --set train.device=cpu")
     return "cpu"
 

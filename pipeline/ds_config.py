@@ -26,7 +26,8 @@ def resolve_path(path: str) -> Path:
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"train.ds_configs: {path} not found (looked in the working directory and {REPO_ROOT})")
+    raise ConfigError(f"DeepSpeed JSON {path} not found (looked in the working directory and {REPO_ROOT})",
+                      "train.ds_configs", "list existing files, e.g. [ds_configs/base.json, ds_configs/zero2.json]")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -43,13 +44,13 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError(f"train.ds_configs: {path}: not valid JSON: {err}") from err
+        raise ConfigError(f"not valid JSON ({err})", str(path), "fix the syntax at the place named") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"train.ds_configs: {path}: the top level must be an object")
+        raise ConfigError("the top level is not a JSON object", str(path), "write it as {\"key\": value, ...}")
     for key in OWNED_BY_RUN_CONFIG:
         if key in data:
-            raise ConfigError(f"train.ds_configs: {path} sets {key!r}; it is derived from the run config "
-                              f"(train.micro_batch, train.grad_accum, train.grad_clip) instead")
+            raise ConfigError(f"sets {key!r}, which is derived from the run config", str(path),
+                              f"remove {key!r}; set train.micro_batch, train.grad_accum or train.grad_clip instead")
     return data
 
 
@@ -75,7 +76,8 @@ def build_ds_config(cfg: Config, world_size: int, device_type: str) -> dict[str,
         params.setdefault("fused", True)  # one kernel for all parameters (foreach on CPU: the tested numerics)
     stage = merged.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.ds_configs: zero_optimization.stage must be 0-3, got {stage!r}")
+        raise ConfigError(f"zero_optimization.stage must be 0-3, got {stage!r}", "train.ds_configs",
+                          "use ds_configs/zero1.json, zero2.json or zero3.json")
     if stage == 0 and merged.get("bf16", {}).get("enabled"):
         log.warning("bf16 at ZeRO stage 0 trains the bf16 weights themselves, without fp32 master weights: "
                     "add ds_configs/zero1.json or zero2.json for mixed precision (docs/GPU.md)")

@@ -30,11 +30,13 @@ from pipeline.distributed import DistInfo, all_reduce_sum
 from pipeline.ds_config import REPO_ROOT, build_ds_config, zero_stage
 from pipeline.evaluate import evaluate
 from pipeline.export import export_hf
+from pipeline.guards import check_state_finite
 from pipeline.manifest import DataError, Manifest
 from pipeline.masking import mask_spec
 from pipeline.model import build_model, num_parameters
 from pipeline.progress import Progress
 from pipeline.reference import context_free_reference, train_unigram_counts
+from pipeline.run_identity import run_record
 from pipeline.sift.hook import Selector
 from pipeline.step import StepMetrics, window_metrics
 from pipeline.tracking import NullTracker, Tracker, start_tracker
@@ -64,7 +66,7 @@ class Run:
         import deepspeed
 
         manifest = Manifest.load(cfg.data.dir)
-        preflight.check_run(cfg, info.world_size, manifest)  # every input checked before the heavy work
+        changes = preflight.check_run(cfg, info.world_size, manifest)  # every input checked before the heavy work
         out_dir = _writable_dir(Path(cfg.train.out_dir))
         ds_config = build_ds_config(cfg, info.world_size, info.device.type)
         torch.manual_seed(cfg.train.seed * 1000 + info.rank)
@@ -81,6 +83,9 @@ class Run:
         run.tracker = start_tracker(cfg.tracking, str(out_dir), rank=info.rank, run_name=run_name(cfg),
                                     resume_run_id=resume_id or None)
         run.progress.mlflow_run_id = run.tracker.run_id or run.progress.mlflow_run_id
+        if resumed and changes:  # safe keys a resume changed (pipeline/run_identity.py): recorded, not refused
+            log.warning("resuming at step %d with changed settings: %s", run.progress.step, "; ".join(changes))
+            run.tracker.set_tags({f"resume.step{run.progress.step}.changes": "; ".join(changes)[:5000]})
         if not resumed:
             run._log_start(ds_config)
             run.reference = context_free_reference(train_unigram_counts(manifest), run.val, run.spec.mask_id, info)
@@ -108,6 +113,15 @@ class Run:
         self._started = time.perf_counter() - self.progress.wall_clock_s
         return True
 
+    def complete(self) -> str:
+        """Why this run has nothing left to train ("" if it has): its step or time budget is spent."""
+        p, t = self.progress, self.cfg.train
+        if p.step >= t.max_steps:
+            return f"step {p.step} of train.max_steps={t.max_steps}"
+        if 0 < t.max_seconds <= p.train_time_s:
+            return f"{p.train_time_s:.0f} s of training of train.max_seconds={t.max_seconds:g}"
+        return ""
+
     def clock(self) -> float:
         """Wall-clock seconds of this run, across resumes."""
         return time.perf_counter() - self._started
@@ -119,8 +133,8 @@ class Run:
         while True:
             p = self.progress  # read each epoch: resume() replaces it before the first batch is drawn
             if micro_steps_per_epoch(self.manifest, p.epoch, cfg.train.seed, info.world_size, batch) == 0:
-                raise DataError(f"{self.manifest.path}: too few train samples for one micro-batch of {batch} "
-                                f"per rank on {info.world_size} ranks")
+                raise DataError(f"too few train samples for one micro-batch of {batch} per rank on {info.world_size} "
+                                "ranks", self.manifest.path, "use a smaller train.micro_batch or more data")
             loader, _ = train_loader(self.manifest, self.spec, batch=batch, epoch=p.epoch, seed=cfg.train.seed,
                                      rank=info.rank, world=info.world_size, start=p.micro_in_epoch,
                                      shuffle_buffer=cfg.data.shuffle_buffer, strict=cfg.data.strict,
@@ -161,7 +175,9 @@ class Run:
                      eval_metrics["eval/mask_accuracy"], threshold, self.progress.step)
 
     def save(self) -> None:
-        """A checkpoint of the whole run state at this step (every rank takes part)."""
+        """A checkpoint of the whole run state at this step (every rank takes part); never of a
+        non-finite state (pipeline/guards.py)."""
+        check_state_finite(self.engine, self.info, self.progress.step)
         counts = all_reduce_sum(torch.tensor([self.faults.skipped, self.faults.repeated], dtype=torch.float64,
                                              device=self.info.device), self.info)
         p = self.progress
@@ -173,7 +189,7 @@ class Run:
         if self.info.device.type == "cuda":
             rank_state["cuda_rng"] = torch.cuda.get_rng_state(self.info.device)
         checkpoint.save(self.engine, self.out_dir / "checkpoints", p.step, {"progress": asdict(p)}, rank_state,
-                        self.info, self.cfg.train.keep_checkpoints)
+                        self.info, self.cfg.train.keep_checkpoints, run_record(self.cfg, self.manifest))
         self.tracker.log_metrics({"data/skipped_corrupt": counts[0].item(), "data/repeated_samples": counts[1].item()},
                                  p.step)
 
@@ -251,5 +267,6 @@ def _writable_dir(path: Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test-"):
             pass
     except OSError as err:
-        raise ConfigError(f"train.out_dir {path}: not writable ({err.strerror})") from err
+        raise ConfigError(f"{path} is not writable ({err.strerror})", "train.out_dir",
+                          "choose a directory you can write to") from None
     return path

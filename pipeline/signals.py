@@ -1,4 +1,9 @@
-"""SIGTERM / SIGUSR1 (Slurm preemption and time limits) ask the loop to checkpoint and exit."""
+"""Signals that ask a run to stop: it checkpoints at the end of the current step, then exits.
+
+SIGTERM (Slurm's preemption and time limit, scancel), SIGUSR1 (Slurm's --signal warning before the
+time limit) and a first Ctrl-C (SIGINT) set the flag; a second Ctrl-C interrupts at once
+(KeyboardInterrupt: no checkpoint of this step, the newest complete one stays the resume point).
+"""
 from __future__ import annotations
 
 import logging
@@ -8,9 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop checkpoints and exits at the end of the current step.
-
-    The entry point creates it first thing: a signal that comes while the run starts up (imports,
+    """The entry point creates it first thing: a signal that comes while the run starts up (imports,
     rendezvous, loading a checkpoint) is remembered, not lost, and not fatal (USR1 would kill by default)."""
 
     def __init__(self) -> None:
@@ -18,12 +21,15 @@ class StopFlag:
         self.install()
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some test runners)
                 pass
 
     def _handle(self, signum: int, _frame) -> None:
-        log.warning("received signal %d: checkpointing and stopping after this step", signum)
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        log.warning("received %s: checkpointing and stopping after this step%s", signal.Signals(signum).name,
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
         self.requested = True

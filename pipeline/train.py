@@ -34,6 +34,11 @@ def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
         log.info("per optimizer step: %d ranks x %d micro-steps x %d kept of %d candidates = %d samples "
                  "backpropagated, %d seen (%d tokens each)", world, t.grad_accum, m, candidates,
                  m * t.grad_accum * world, candidates * t.grad_accum * world, run.manifest.seq_len)
+        if run.complete():  # a finished run started again: nothing to train, and it says so
+            log.info("the run in %s is complete (%s): nothing to train; raise the budget to go on",
+                     t.out_dir, run.complete())
+            run.close("FINISHED")
+            return {}
         bar = progress_bar(p, t.max_steps, info.is_main)
         last_eval: dict[str, float] = {}
         window = []
@@ -70,8 +75,6 @@ def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
         if stop.requested:
             run.close("KILLED")  # preempted: the requeued job resumes this MLflow run
             return last_eval
-        if not last_eval:  # resumed at max_steps: nothing trained, still report the model
-            last_eval = run.evaluate()
         run.finish()
     return last_eval
 

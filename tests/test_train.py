@@ -1,17 +1,14 @@
-"""The training engine on the tiny preset: ZeRO stages, MLflow contents, export, resume after a kill."""
+"""The training engine on the tiny preset: ZeRO stages, MLflow contents, export (resume: tests/test_resume.py)."""
 from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
-from tests.conftest import clean_env, tiny_config
-from tests.fault_helpers import journal, run_ok, train_cmd
+from tests.conftest import tiny_config
+from tests.fault_helpers import journal
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -80,38 +77,6 @@ def test_export_loads_and_gives_the_engines_logits(tiny_data, tmp_path, dist_inf
         hf_logits = exported(input_ids=batch["input_ids"]).logits[masked]
     torch.testing.assert_close(hf_logits, engine_logits, rtol=1e-5, atol=1e-5)
     run.tracker.close()
-
-
-def test_resume_after_kill_gives_the_same_losses_and_no_sample_twice(tiny_data, tmp_path):
-    steps = ["train.record_keys=true", "train.export=false", "train.max_steps=24", "train.ckpt_every=6", "select.policy=random", "model.dropout=0.1"]
-    straight = tmp_path / "straight"
-    run_ok(train_cmd(tiny_data, straight, *steps))
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(tiny_data, killed, *steps), env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / "step00000006" / "COMPLETE"
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before_kill = max(journal(killed, "train/loss"))
-    assert done_before_kill < 24, "the run finished before it could be killed"
-    run_ok(train_cmd(tiny_data, killed, *steps))
-
-    reference = {step: values[0] for step, values in journal(straight, "train/loss").items()}
-    resumed = journal(killed, "train/loss")
-    assert sorted(resumed) == sorted(reference) == list(range(1, 25))
-    for step, values in resumed.items():  # steps re-run after the resume must repeat exactly
-        for value in values:
-            assert value == pytest.approx(reference[step], abs=1e-6), step
-    kept_by_step: dict[int, list[str]] = {}
-    for line in (killed / "keys" / "rank00000.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        kept_by_step[record["step"]] = record["candidates"]  # the last write of a step wins
-    seen = [key for step in sorted(kept_by_step) for key in kept_by_step[step]]
-    assert len(seen) == len(set(seen)), "a sample was drawn twice within the epoch"
 
 
 def test_eval_every_s_evaluates_by_training_time(tiny_data, tmp_path, dist_info):
