@@ -43,6 +43,7 @@ class ModelConfig:
     max_position: int = 0  # 0 = the data's seq_len
     dropout: float = 0.1
     pre_layernorm: bool = False  # bert only, True: pre-LN wiring (pipeline/prenorm.py); not exportable as HF BERT
+    positions: str = "learned"  # bert only: learned (absolute, as BERT) | rotary (pipeline/rotary.py); not exportable
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -254,6 +255,9 @@ def validate(cfg: Config) -> None:
     _check(m.arch in ARCHES, "model.arch", f"must be one of {', '.join(ARCHES)}, got {m.arch!r}")
     _check(not (m.pre_layernorm and m.arch != "bert"), "model.pre_layernorm",
            f"rewires BERT only; model.arch {m.arch} has its own norm placement")
+    _check(m.positions in ("learned", "rotary"), "model.positions", f"must be learned or rotary, got {m.positions!r}")
+    _check(m.positions == "learned" or m.arch == "bert", "model.positions",
+           f"rewires BERT only; model.arch {m.arch} has its own (rotary) positions")
     _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
     for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "max_position"):
         _check(getattr(m, name) >= 0, f"model.{name}", "must be >= 0 (0 = preset value)")
@@ -290,8 +294,9 @@ def validate(cfg: Config) -> None:
     _check(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     _check(t.threads >= 0, "train.threads", "must be >= 0")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
-    _check(not (m.pre_layernorm and t.export), "train.export",
-           "a model.pre_layernorm=true model is not a standard Hugging Face BERT: set train.export=false")
+    _check(not ((m.pre_layernorm or m.positions == "rotary") and t.export), "train.export",
+           "a model.pre_layernorm=true or model.positions=rotary BERT is not a standard Hugging Face BERT: set "
+           "train.export=false (model.arch=modernbert exports)")
     _check(bool(t.ds_configs), "train.ds_configs", "needs at least one DeepSpeed JSON")
     from pipeline.sift.policies import POLICIES
 

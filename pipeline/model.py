@@ -122,6 +122,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, special_ids: di
     if cfg.arch == "modernbert":
         return SparseModernMLM(modernbert_config(cfg, vocab_size, seq_len, special_ids))
     model = SparseMaskedLM(bert_config(cfg, vocab_size, seq_len, special_ids["pad"]))
+    if cfg.positions == "rotary":
+        from pipeline.rotary import to_rotary
+
+        to_rotary(model.mlm)
     if cfg.pre_layernorm:
         from pipeline.prenorm import to_pre_layernorm
 
