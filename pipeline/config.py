@@ -62,7 +62,8 @@ class DataConfig:
     shuffle_buffer: int = 2000
     num_workers: int = 0  # DataLoader workers per rank
     eval_samples: int = 512  # fixed-mask validation samples (all ranks together)
-    strict: bool = False  # True: a corrupt shard stops training; False: skip it, count it
+    strict: bool = False  # True: a corrupt or changed shard stops training; False: skip it, count it
+    verify: bool = True  # check each shard's sha256 against the manifest when it is first opened
 
 
 @dataclass

@@ -9,8 +9,10 @@ epoch, which gives back exactly the stream an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +62,22 @@ def decode_sample(sample: dict, seq_len: int, vocab_size: int) -> tuple[str, np.
     return key, ids
 
 
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: each file hashed once per process
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file, cached per process for as long as its size and mtime stay the same."""
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _VERIFIED[key] = digest.hexdigest()
+    return _VERIFIED[key]
+
+
 class SkipCounter:
     """webdataset handler and fault counter for one stream: strict mode raises; otherwise it logs and
     counts each skipped sample once (a stream read twice, e.g. repeated to pad, counts it once)."""
@@ -67,6 +85,7 @@ class SkipCounter:
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self.skipped = 0  # samples lost: undecodable, or missing from a short shard
+        self.skipped_shards = 0  # whole shards left out: their bytes are not the ones the manifest records
         self._seen: set[tuple[str, str]] = set()
 
     def __call__(self, exn: Exception) -> bool:
@@ -80,6 +99,24 @@ class SkipCounter:
             raise CorruptSampleError(f"corrupt shard data, with data.strict=true ({exn.args[0]})", shard) from exn
         log.warning("corrupt shard data, skipped: %s", where)
         return True
+
+    def verified(self, url: str, expected_sha256: str | None) -> bool:
+        """data.verify: the shard's sha256 is the manifest's. A mismatch (a flipped byte that may even
+        still decode) is refused with data.strict=true, else the shard is skipped, counted and named."""
+        if not expected_sha256 or "://" in url or url.startswith("pipe:"):
+            return True  # remote streams are not hashed (it would read them twice)
+        actual = file_sha256(url)
+        if actual == expected_sha256:
+            return True
+        if self.strict:
+            raise CorruptSampleError(f"sha256 {actual[:12]}... is not the manifest's {expected_sha256[:12]}... "
+                                     "(changed since data_prep wrote it), with data.strict=true", url)
+        if (url, "<sha256>") not in self._seen:
+            self._seen.add((url, "<sha256>"))
+            self.skipped_shards += 1
+            log.warning("skipping shard %s: its sha256 is not the manifest's (changed since data_prep wrote it; "
+                        "counted in data/skipped_shards)", url)
+        return False
 
     def bad_sample(self, err: CorruptSampleError, url: str, key: str) -> None:
         if self.strict:
@@ -130,10 +167,13 @@ def _count_per_shard(urls: list[str], expected: dict[str, int], handler: SkipCou
 
 
 def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCounter,
-                 shuffle_buffer: int = 0, shuffle_seed: int = 0, expected: dict[str, int] | None = None
-                 ) -> Iterator[tuple[str, np.ndarray]]:
+                 shuffle_buffer: int = 0, shuffle_seed: int = 0, expected: dict[str, int] | None = None,
+                 checksums: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(key, ids) from the given shards in order, optionally through a seeded shuffle buffer.
-    `expected` (url -> samples, from the manifest) makes a short shard count as skipped samples."""
+    `expected` (url -> samples, from the manifest) makes a short shard count as skipped samples;
+    `checksums` (url -> sha256, data.verify) leaves out a shard whose bytes changed (SkipCounter.verified)."""
+    if checksums is not None:
+        urls = [url for url in urls if handler.verified(url, checksums.get(url))]
     dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
                              empty_check=False, handler=handler, select_files=_is_payload)
     if expected is not None:
@@ -174,13 +214,14 @@ class CandidateBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, seed: int,
-                 rank: int, world: int, start: int, shuffle_buffer: int, strict: bool) -> None:
+                 rank: int, world: int, start: int, shuffle_buffer: int, strict: bool, verify: bool = True) -> None:
         super().__init__()
         self.manifest, self.spec, self.batch, self.epoch, self.seed = manifest, spec, batch, epoch, seed
         self.rank, self.start, self.shuffle_buffer = rank, start, shuffle_buffer
         shards = rank_shards(manifest, epoch, seed, rank, world)[rank]
         self.urls = [manifest.url(s) for s in shards]
         self.expected = {manifest.url(s): int(s["samples"]) for s in shards}
+        self.checksums = {manifest.url(s): s.get("sha256", "") for s in shards} if verify else None
         self.steps = micro_steps_per_epoch(manifest, epoch, seed, world, batch)
         self.handler = SkipCounter(strict)
         self.padded = 0  # samples repeated to make up for a short stream
@@ -208,7 +249,7 @@ class CandidateBatches(torch.utils.data.IterableDataset):
             before = produced
             for item in shard_stream(self.urls, self.manifest.seq_len, self.spec.vocab_size, self.handler,
                                      self.shuffle_buffer, shuffle_seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank,
-                                     expected=self.expected):
+                                     expected=self.expected, checksums=self.checksums):
                 yield item
                 produced += 1
                 if produced >= needed:
@@ -228,12 +269,13 @@ class CandidateBatches(torch.utils.data.IterableDataset):
                 "labels": torch.from_numpy(np.stack(labels)),  # (B, T), -100 where not masked
                 # counts so far in this epoch's stream; carried by the batch since a loader worker's
                 # own counters never reach the training process
-                "faults": (self.handler.skipped, self.padded)}
+                "faults": (self.handler.skipped, self.padded, self.handler.skipped_shards)}
 
 
 @dataclass
 class DataFaults:
-    """This rank's corrupt samples skipped and samples repeated (padding a short stream), over the run.
+    """This rank's corrupt samples skipped and samples repeated (padding a short stream), over the run,
+    and the most shards it left out in one epoch (their checksum changed: data.verify).
 
     Batches carry the counts since their epoch began; a resumed epoch re-reads its start and counts
     those again, so only the growth over the last batch seen is added."""
@@ -241,13 +283,15 @@ class DataFaults:
     repeated: int = 0
     epoch_skipped: int = 0
     epoch_repeated: int = 0
+    skipped_shards: int = 0
 
     def update(self, batch: dict) -> dict:
         """Take the counts off a batch (returned without them)."""
-        skipped, repeated = batch.pop("faults")
+        skipped, repeated, shards = batch.pop("faults")
         self.skipped += max(0, skipped - self.epoch_skipped)
         self.repeated += max(0, repeated - self.epoch_repeated)
         self.epoch_skipped, self.epoch_repeated = max(skipped, self.epoch_skipped), max(repeated, self.epoch_repeated)
+        self.skipped_shards = max(self.skipped_shards, shards)
         return batch
 
     def end_epoch(self) -> None:
@@ -255,10 +299,10 @@ class DataFaults:
 
 
 def train_loader(manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, seed: int, rank: int,
-                 world: int, start: int, shuffle_buffer: int, strict: bool, num_workers: int
+                 world: int, start: int, shuffle_buffer: int, strict: bool, num_workers: int, verify: bool = True
                  ) -> tuple[torch.utils.data.DataLoader, CandidateBatches]:
     dataset = CandidateBatches(manifest, spec, batch=batch, epoch=epoch, seed=seed, rank=rank, world=world,
-                               start=start, shuffle_buffer=shuffle_buffer, strict=strict)
+                               start=start, shuffle_buffer=shuffle_buffer, strict=strict, verify=verify)
     # Its own generator: creating a DataLoader iterator draws a base seed, and drawing it from the
     # global RNG would shift the dropout masks of a resumed run.
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
@@ -267,10 +311,11 @@ def train_loader(manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, 
 
 
 def eval_batches(manifest: Manifest, spec: MaskSpec, *, samples: int, batch: int, rank: int, world: int,
-                 strict: bool = True) -> list[dict]:
+                 strict: bool = True, verify: bool = True) -> list[dict]:
     """This rank's share of the first `samples` validation samples, masked with a fixed seed.
 
-    Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward)."""
+    Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward). Strict by
+    default: an eval set with a damaged or changed shard would make every curve wrong."""
     urls = [manifest.url(s) for s in manifest.shards("val")]
     if not urls:
         raise DataError("the manifest lists no validation shards", manifest.path,
@@ -281,7 +326,9 @@ def eval_batches(manifest: Manifest, spec: MaskSpec, *, samples: int, batch: int
                         manifest.path, "use fewer ranks or rebuild with a larger --val-fraction")
     mine: list[tuple[str, np.ndarray]] = []
     expected = {manifest.url(s): int(s["samples"]) for s in manifest.shards("val")}
-    stream = shard_stream(urls, manifest.seq_len, spec.vocab_size, SkipCounter(strict), expected=expected)
+    checksums = {manifest.url(s): s.get("sha256", "") for s in manifest.shards("val")} if verify else None
+    stream = shard_stream(urls, manifest.seq_len, spec.vocab_size, SkipCounter(strict), expected=expected,
+                          checksums=checksums)
     for index, item in enumerate(stream):
         if index >= per_rank * world:
             break

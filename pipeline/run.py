@@ -55,7 +55,7 @@ class Run:
         self.reference: dict[str, float] = {}  # the context-free reference (pipeline/reference.py); on a new run
         self.spec = mask_spec(cfg.data, manifest)
         self.val = eval_batches(manifest, self.spec, samples=cfg.data.eval_samples, batch=cfg.train.micro_batch,
-                                rank=info.rank, world=info.world_size)
+                                rank=info.rank, world=info.world_size, verify=cfg.data.verify)
         self.batches: Iterator[dict] = self._candidate_batches()
         self._started = time.perf_counter()
         self._closed = False
@@ -138,7 +138,7 @@ class Run:
             loader, _ = train_loader(self.manifest, self.spec, batch=batch, epoch=p.epoch, seed=cfg.train.seed,
                                      rank=info.rank, world=info.world_size, start=p.micro_in_epoch,
                                      shuffle_buffer=cfg.data.shuffle_buffer, strict=cfg.data.strict,
-                                     num_workers=cfg.data.num_workers)
+                                     num_workers=cfg.data.num_workers, verify=cfg.data.verify)
             for candidates in loader:
                 p.micro_in_epoch += 1
                 yield self.faults.update(candidates)
@@ -178,8 +178,8 @@ class Run:
         """A checkpoint of the whole run state at this step (every rank takes part); never of a
         non-finite state (pipeline/guards.py)."""
         check_state_finite(self.engine, self.info, self.progress.step)
-        counts = all_reduce_sum(torch.tensor([self.faults.skipped, self.faults.repeated], dtype=torch.float64,
-                                             device=self.info.device), self.info)
+        counts = all_reduce_sum(torch.tensor([self.faults.skipped, self.faults.repeated, self.faults.skipped_shards],
+                                             dtype=torch.float64, device=self.info.device), self.info)
         p = self.progress
         p.skipped_corrupt, p.wall_clock_s = int(counts[0].item()), self.clock()
         # MLflow may have come up only after the start: the run id a restart must resume
@@ -190,8 +190,8 @@ class Run:
             rank_state["cuda_rng"] = torch.cuda.get_rng_state(self.info.device)
         checkpoint.save(self.engine, self.out_dir / "checkpoints", p.step, {"progress": asdict(p)}, rank_state,
                         self.info, self.cfg.train.keep_checkpoints, run_record(self.cfg, self.manifest))
-        self.tracker.log_metrics({"data/skipped_corrupt": counts[0].item(), "data/repeated_samples": counts[1].item()},
-                                 p.step)
+        self.tracker.log_metrics({"data/skipped_corrupt": counts[0].item(), "data/repeated_samples": counts[1].item(),
+                                  "data/skipped_shards": counts[2].item()}, p.step)
 
     def record_keys(self, step: int, candidates: list[str], kept: list[str], loss: float) -> None:
         """train.record_keys: each micro-step's candidate and kept sample keys, and its loss."""

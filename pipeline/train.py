@@ -39,39 +39,38 @@ def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
                      t.out_dir, run.complete())
             run.close("FINISHED")
             return {}
-        bar = progress_bar(p, t.max_steps, info.is_main)
-        last_eval: dict[str, float] = {}
-        window = []
-        while p.step < t.max_steps:
-            probe = cfg.select.probe_every > 0 and p.step % cfg.select.probe_every == 0
-            window.append(train_step(run.engine, run.selector, run.batches, p, info, t, probe=probe,
-                                     on_micro_step=run.record_keys))
-            p.wall_clock_s = run.clock()
-            bar.update(1)
+        with progress_bar(p, t.max_steps, info.is_main) as bar:  # closed on any way out: errors print after it
+            last_eval: dict[str, float] = {}
+            window = []
+            while p.step < t.max_steps:
+                probe = cfg.select.probe_every > 0 and p.step % cfg.select.probe_every == 0
+                window.append(train_step(run.engine, run.selector, run.batches, p, info, t, probe=probe,
+                                         on_micro_step=run.record_keys))
+                p.wall_clock_s = run.clock()
+                bar.update(1)
 
-            # clocks differ per rank: all take the slowest one's time and the same decisions (ZeRO-3
-            # evals and scoring are collectives; the time schedule sets the LR)
-            p.train_time_s, signalled = all_reduce_max([p.train_time_s, float(stop.requested)], info)
-            stopping = bool(signalled) or 0 < t.max_seconds <= p.train_time_s
-            eval_time_due = 0 < t.eval_every_s <= p.train_time_s - p.last_eval_train_s
-            last = p.step == t.max_steps
-            if p.step % t.log_every == 0 or last or stopping:
-                run.log_window(window)
-                bar.set_postfix(loss=f"{window[-1].loss:.3f}", lr=f"{window[-1].lr:.2e}")
-                window = []
-            reached = False
-            if p.step % t.eval_every == 0 or last or stopping or eval_time_due:
-                last_eval = run.evaluate()
-                run.start_selection_if_due(last_eval)  # select.start_at_mask_accuracy
-                reached = 0 < t.target_accuracy <= last_eval["eval/accuracy"]
-                stopping = stopping or reached
-            if stopping or last or (t.ckpt_every and p.step % t.ckpt_every == 0):
-                run.save()
-            if stopping:
-                log.info("stopping at step %d: %s", p.step, "signal" if signalled else
-                         "target accuracy reached" if reached else "time budget spent")
-                break
-        bar.close()
+                # clocks differ per rank: all take the slowest one's time and the same decisions (ZeRO-3
+                # evals and scoring are collectives; the time schedule sets the LR)
+                p.train_time_s, signalled = all_reduce_max([p.train_time_s, float(stop.requested)], info)
+                stopping = bool(signalled) or 0 < t.max_seconds <= p.train_time_s
+                eval_time_due = 0 < t.eval_every_s <= p.train_time_s - p.last_eval_train_s
+                last = p.step == t.max_steps
+                if p.step % t.log_every == 0 or last or stopping:
+                    run.log_window(window)
+                    bar.set_postfix(loss=f"{window[-1].loss:.3f}", lr=f"{window[-1].lr:.2e}")
+                    window = []
+                reached = False
+                if p.step % t.eval_every == 0 or last or stopping or eval_time_due:
+                    last_eval = run.evaluate()
+                    run.start_selection_if_due(last_eval)  # select.start_at_mask_accuracy
+                    reached = 0 < t.target_accuracy <= last_eval["eval/accuracy"]
+                    stopping = stopping or reached
+                if stopping or last or (t.ckpt_every and p.step % t.ckpt_every == 0):
+                    run.save()
+                if stopping:
+                    log.info("stopping at step %d: %s", p.step, "signal" if signalled else
+                             "target accuracy reached" if reached else "time budget spent")
+                    break
         if stop.requested:
             run.close("KILLED")  # preempted: the requeued job resumes this MLflow run
             return last_eval
