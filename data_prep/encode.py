@@ -96,9 +96,10 @@ class Encoder:
                 t, fut = inflight.popleft()
                 yield t, fut.result()
         except BrokenProcessPool as e:
-            raise DataPrepError("a tokenizer worker process died (out of memory? or a script "
-                                "without `if __name__ == '__main__':`, which spawned workers "
-                                "need); try --workers 1") from e
+            raise DataPrepError("a tokenizer worker process died (out of memory?)",
+                                where=f"--workers {self.workers}",
+                                fix="retry with --workers 1; a script calling build_shards needs "
+                                    "`if __name__ == '__main__':`, which spawned workers import") from e
 
     def close(self) -> None:
         if self._pool is not None:

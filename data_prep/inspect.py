@@ -49,7 +49,7 @@ def verify_shards(shard_dir: str, manifest: dict | None = None) -> list[str]:
                 if ids[0] != cls or ids[-1] != sep or int(ids.max()) >= vocab:
                     problems.append(f"{rec['name']}: {key} lacks [CLS]/[SEP] or has ids >= {vocab}")
         except DataPrepError as e:
-            problems.append(f"{rec['name']}: {e}")
+            problems.append(f"{rec['name']}: {e.what}")
             continue
         if n != rec["samples"]:
             problems.append(f"{rec['name']}: {n} samples, manifest says {rec['samples']}")
