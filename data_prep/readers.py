@@ -4,7 +4,7 @@ Every reader yields :class:`Doc` records carrying a 1-based line (or row) number
 can be reported as ``file:line``. A bad document is yielded with ``error`` set rather than raised,
 so the caller decides between failing (the default) and skipping with a count (``--skip-bad``).
 Errors that stop a whole file (cannot open, truncated gzip, no such column) raise
-:class:`BadInputError`.
+:class:`BadInputError`. A line with NUL bytes is reported as binary data (``binary``), not as bad UTF-8.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DOC_SEPARATORS = ("line", "blank")
 
 # Reasons a document is skipped. "empty" and "no_tokens" are skipped always (nothing to train on);
 # the others are bad input: an error unless skip_bad is set.
-BAD_REASONS = ("undecodable", "invalid_json", "not_an_object", "missing_field", "not_a_string")
+BAD_REASONS = ("binary", "undecodable", "invalid_json", "not_an_object", "missing_field", "not_a_string")
 EMPTY_REASONS = ("empty", "no_tokens")
 
 _EXT_FORMATS = {
@@ -54,6 +54,8 @@ SKIP_BAD = "or pass --skip-bad to skip and count such documents"
 EMPTY_FIX = "check that the inputs hold text (are --format, --text-field and --text-column right?)"
 _NOT_UTF8 = "bytes are not valid UTF-8"
 _REENCODE = "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+_BINARY = "binary data (NUL bytes), not text"
+_TEXT_ONLY = "give text files only (a compressed one needs its .gz name, other formats --format)"
 _SKIP_FILE = "or pass --skip-bad to skip it"
 _SKIP_REST = "or pass --skip-bad to keep what was read before it"
 
@@ -198,19 +200,24 @@ def _read_error(path: str, line: int, e: BaseException) -> BadInputError:
 
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """Numbered raw lines."""
+    """Numbered raw lines; a file starting with a UTF-16/32 byte-order mark is refused whole."""
     f = _open_binary(path)
     lineno = 0
     try:
         with f:
             for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark
+                    raise BadInputError(path, 1, "UTF-16 or UTF-32 text, not UTF-8", fix="convert it to UTF-8 "
+                                        "(e.g. iconv -f UTF-16 -t UTF-8) and pass the converted file")
                 yield lineno, raw
     except (OSError, EOFError, zlib.error) as e:
         raise _read_error(path, lineno + 1, e) from e
 
 
 def _decode(lineno: int, raw: bytes) -> str | Doc:
-    """The line as text, or the bad Doc saying why it is not text."""
+    """The line as text, or the bad Doc saying why it is not text (binary data, not UTF-8)."""
+    if b"\0" in raw:
+        return Doc(lineno, None, "binary", _BINARY, _TEXT_ONLY)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -322,6 +329,8 @@ def read_csv(path: str, text_column: str = "text") -> Iterator[Doc]:
                     if col >= len(row):
                         yield Doc(start, None, "missing_field", f"row has no column {text_column!r}",
                                   "fix the row (too few fields)")
+                    elif "\0" in row[col]:  # CSV has no escapes: a NUL here was a NUL byte
+                        yield Doc(start, None, "binary", _BINARY, _TEXT_ONLY)
                     else:
                         yield _text_value(start, row[col], text_column)
                 start = reader.line_num + 1

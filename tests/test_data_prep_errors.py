@@ -62,8 +62,10 @@ CASES = [
     ("undecodable text", "a.txt", good_lines(4) + b"bad \xff\xfe bytes\n" + good_lines(), err("bytes are not valid UTF-8", r"a\.txt:5"), "undecodable"),
     ("undecodable csv", "a.csv", b"id,text\n1,ok\n2,\"two\nlines\"\n3,caf\xe9\n" + b"".join(b"9,%s\n" % t.encode() for t in GOOD), err("bytes are not valid UTF-8", r"a\.csv:5"), "undecodable"),
     ("csv short row", "a.csv", b"id,text\n1,ok\n2,fine\n3,good\n4\n" + b"".join(b"9,%s\n" % t.encode() for t in GOOD), err("row has no column 'text'", r"a\.csv:5"), "missing_field"),
+    ("nul bytes in csv", "a.csv", b"id,text\n1,ok\n2,fine\n3,good\n4,a\x00b\n" + b"".join(b"9,%s\n" % t.encode() for t in GOOD), err(r"binary data \(NUL bytes\)", r"a\.csv:5"), "binary"),
     ("not gzip", "a.txt.gz", b"this is not gzip data", err("not gzip data", r"a\.txt\.gz"), None),
     ("truncated gzip", "a.txt.gz", truncated_gzip(), err("read error", r"a\.txt\.gz:\d+"), None),
+    ("utf-16", "a.txt", "\n".join(GOOD).encode("utf-16"), err("UTF-16 or UTF-32 text", r"a\.txt:1"), None),
     ("csv without the column", "a.csv", b"id,body\n1,hello\n", err("no column 'text'", r"a\.csv:1"), None),
     ("not parquet", "a.parquet", b"PAR1 garbage", err("cannot read as Parquet", r"a\.parquet"), None),
 ]
@@ -201,6 +203,25 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path):
     assert res.returncode == 2
     assert re.fullmatch(r"error: invalid JSON.* \([^()]*a\.jsonl:5\): .*--skip-bad.*\n", res.stderr), res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_nul_bytes_are_reported_as_binary_data_not_as_an_encoding_problem(tmp_path):
+    """A text input holding NUL bytes is binary data, and the message says so with file and line.
+
+    Written before the fix and seen failing on the old code: a .txt whose line 5 holds NUL bytes
+    (otherwise valid UTF-8) was built without a word, the NULs going in as text; a gzip file named
+    .txt was reported as "bytes are not valid UTF-8" (an encoding problem, which it is not)."""
+    nul = write(tmp_path / "a.txt", good_lines(4) + b"abc\x00\x00def\n" + good_lines())
+    with pytest.raises(BadInputError, match=r"^binary data \(NUL bytes\), not text \(.*a\.txt:5\): "
+                                            r".*--skip-bad") as exc:
+        build_shards([nul], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60))
+    assert (exc.value.path, exc.value.line) == (nul, 5)
+    gz = write(tmp_path / "b.txt", gzip.compress(good_lines()))
+    with pytest.raises(BadInputError, match=r"^binary data \(NUL bytes\), not text \(.*b\.txt:1\): "):
+        build_shards([gz], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60))
+    ok = write(tmp_path / "ok.txt", good_lines())
+    m = build_shards([nul, ok], str(tmp_path / "out"), BuildOptions(seq_len=16, vocab_size=60, skip_bad=True))
+    assert next(s for s in m["sources"] if s["path"] == nul)["documents"]["skipped_by_reason"] == {"binary": 1}
 
 
 def test_error_form_and_attributes():
