@@ -47,6 +47,21 @@ def split_totals(shards: list[dict]) -> dict[str, dict[str, int]]:
     return out
 
 
+def no_manifest(shard_dir: str) -> DataPrepError:
+    """The error for a directory without ``manifest.json``: what it looks like, what to pass."""
+    try:
+        names = os.listdir(shard_dir)
+    except OSError:
+        names = []
+    if ".incomplete" in names:
+        return DataPrepError("an unfinished build (no manifest.json, an .incomplete marker)", where=shard_dir,
+                             fix="re-run the build that writes here: it restarts cleanly")
+    if any(n.startswith("manifest.part-") for n in names):
+        return DataPrepError("part manifests not merged yet (no manifest.json)", where=shard_dir,
+                             fix=f"run `python -m data_prep merge {shard_dir}` once every part is built")
+    return DataPrepError("not a data_prep output directory (no manifest.json)", where=shard_dir, fix=_OUTPUT_DIR)
+
+
 def read_manifest(path: str, required: tuple[str, ...] = ()) -> dict:
     """Read a manifest (a file, or a shard dir holding ``manifest.json``) and check its keys
     (``REQUIRED_KEYS`` and ``required``) and the types the readers rely on."""
@@ -54,8 +69,7 @@ def read_manifest(path: str, required: tuple[str, ...] = ()) -> dict:
         raise DataPrepError("no such file or directory", where=path, fix=_OUTPUT_DIR)
     if os.path.isdir(path):
         if not os.path.lexists(os.path.join(path, MANIFEST)):
-            raise DataPrepError("no manifest.json (an unfinished build, or parts not merged yet?)", where=path,
-                                fix=f"{_OUTPUT_DIR}, or run `python -m data_prep merge` over the parts")
+            raise no_manifest(path)
         path = os.path.join(path, MANIFEST)
     try:
         with open(path, encoding="utf-8") as f:

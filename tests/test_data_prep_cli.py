@@ -67,7 +67,7 @@ def test_cli_build_tokenizer_parts_merge_inspect(tmp_path, capsys):
     assert main(["-q", "inspect", str(tmp_path / "parts"), "--samples", "0", "--verify"]) == 1
     assert "val-00001-000000.tar: missing" in capsys.readouterr().out
     assert main(["-q", "inspect", str(tmp_path)]) == 2  # not a shard dir: a clear error, no traceback
-    assert "no manifest" in capsys.readouterr().err
+    assert "(no manifest.json)" in capsys.readouterr().err
 
 
 def test_sigkill_mid_build_then_rerun_gives_the_clean_result(tmp_path):

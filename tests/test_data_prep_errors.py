@@ -224,6 +224,29 @@ def test_nul_bytes_are_reported_as_binary_data_not_as_an_encoding_problem(tmp_pa
     assert next(s for s in m["sources"] if s["path"] == nul)["documents"]["skipped_by_reason"] == {"binary": 1}
 
 
+@pytest.mark.parametrize("target", ["file", "dir"])
+def test_inspect_of_something_else_says_it_is_not_an_output_dir(tmp_path, capsys, target):
+    """`inspect` given a text file or a directory without manifest.json says it is not a data_prep
+    output directory and what to pass instead.
+
+    Written before the fix and seen failing on the old code: `inspect README.md` said
+    "README.md: invalid JSON at line 1: Expecting value", as if a manifest were damaged."""
+    from data_prep.cli import main
+
+    path = tmp_path / "README.md"
+    if target == "file":
+        path.write_text("# A project\n\nSome text.\n")
+    else:
+        path.mkdir()
+        (path / "notes.txt").write_text("x")
+    assert main(["-q", "inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid JSON" not in err
+    kind = "a file" if target == "file" else "no manifest.json"
+    assert re.fullmatch(rf"error: not a data_prep output directory \({kind}\) \({re.escape(str(path))}\): "
+                        r"pass the --out directory of .+\n", err), err
+
+
 def test_error_form_and_attributes():
     """``str(err)`` is exactly ``<what> (<where>): <what to do>`` on one line; the parts stay
     attributes (BadInputError keeps path, line, reason) and survive pickling (worker processes)."""
