@@ -160,10 +160,10 @@ class ShardWriter:
         rec = {"name": self._name, "split": self.split, "samples": self._n,
                "tokens": self._n * self.seq_len, "bytes": self._bytes,
                "sha256": self._sha.hexdigest()}
-        os.replace(self._tmp(), os.path.join(self.out_dir, self._name))
         self.records.append(rec)
-        if self.on_shard:
+        if self.on_shard:  # before the rename: a Ctrl-C between the two leaves no untracked shard
             self.on_shard(rec)
+        os.replace(self._tmp(), os.path.join(self.out_dir, self._name))
         self._file = self._sha = None
         self._index += 1
 
@@ -175,14 +175,16 @@ class ShardWriter:
         return self.records
 
     def abort(self) -> None:
-        """Drop a shard in progress (its ``.tmp`` file) after an error."""
+        """Drop a shard in progress (its ``.tmp`` file) after an error or Ctrl-C; also one whose
+        ``open`` was interrupted before ``_file`` was set (seen with Ctrl-C)."""
         if self._file is not None:
             self._file.close()
+        self._file = self._sha = None
+        if self._name:
             try:
                 os.remove(self._tmp())
             except FileNotFoundError:
                 pass
-        self._file = self._sha = None
 
 
 def check_member_name(name: str, path: str = "a tar file") -> None:

@@ -262,3 +262,85 @@ def test_error_form_and_attributes():
     multi = DataPrepError("cannot load:\n  line one\n  line two", where="tok", fix="pass\nanother")
     assert str(multi) == "cannot load: line one line two (tok): pass another"
 
+
+REPO = Path(__file__).resolve().parent.parent
+ONE_LINE = re.compile(r"error: .+ \(([^()]+)\): .+")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_prep", "-q", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def test_cli_bad_inputs_give_one_line_and_exit_2(tmp_path):
+    """A handful of bad inputs, flags and environments through the real CLI: each exits 2 with
+    exactly one stderr line ``error: <what> (<where>): <what to do>`` naming the file or flag, no
+    traceback (exit 1 is kept for bugs)."""
+    nul = write(tmp_path / "nul.txt", good_lines(4) + b"a\x00b\n" + good_lines())
+    latin1 = write(tmp_path / "latin1.txt", "café au lait\n".encode("latin-1") * 60)
+    ok = write(tmp_path / "ok.txt", good_lines())
+    bad_manifest = tmp_path / "shards"
+    bad_manifest.mkdir()
+    (bad_manifest / "manifest.json").write_bytes(b"\xff\xfe not json")
+    build = ["build", "--seq-len", "16", "--vocab-size", "60"]
+    cases = [  # (args, what the error must name, and where: in the parenthesis or anywhere in the line)
+        ([*build, "-i", nul, "-o", str(tmp_path / "o1")], f"{nul}:5", "where"),
+        ([*build, "-i", latin1, "-o", str(tmp_path / "o2")], f"{latin1}:1", "where"),
+        ([*build, "-i", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o3")], "missing.txt", "where"),
+        ([*build, "-i", str(tmp_path), "--format", "text", "-o", str(tmp_path / "o4")], str(tmp_path), "where"),
+        ([*build, "-i", ok, "-o", f"{ok}/sub"], f"--out {ok}/sub", "where"),
+        (["build", "--seq-len", "4", "--vocab-size", "60", "-i", ok, "-o", str(tmp_path / "o5")], "--seq-len 4", "where"),
+        (["build", "--seq-len", "x", "--vocab-size", "60", "-i", ok, "-o", str(tmp_path / "o6")], "--seq-len", "line"),
+        (["inspect", str(REPO / "README.md")], str(REPO / "README.md"), "where"),
+        (["inspect", str(bad_manifest)], str(bad_manifest / "manifest.json"), "where"),
+        (["merge", ok], ok, "where"),
+        (["tokenizer", "-i", ok, "-o", ok, "--vocab-size", "60"], f"--out {ok}", "where"),
+    ]
+    if os.path.isdir("/proc/self"):  # a path that cannot be created, even as root
+        cases.append(([*build, "-i", ok, "-o", "/proc/self/data_prep_out"], "--out /proc/self/data_prep_out", "where"))
+    for args, named, part in cases:
+        res = _cli(*args)
+        line = res.stderr
+        assert res.returncode == 2, (args, res.returncode, res.stderr)
+        assert "Traceback" not in line, (args, line)
+        assert line.count("\n") == 1 and line.startswith("error: "), (args, line)
+        m = ONE_LINE.fullmatch(line.rstrip("\n"))
+        assert m, (args, line)
+        assert named in (m.group(1) if part == "where" else line), (args, named, line)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))  # nothing left behind
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
+def test_ctrl_c_mid_build_exits_130_with_one_line_and_leaves_nothing(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, workers included) mid-build: exit 130, one
+    stderr line, no traceback from the parent or the worker processes, and the output directory
+    is gone, so running the same command again works (what the message says to do)."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(5)
+    words = [f"{a}{b}" for a in ("ka", "lo", "mi", "tu", "ve", "ra", "si", "po") for b in "ntslrm"]
+    big = tmp_path / "big.txt"
+    big.write_text("".join(" ".join(rng.choices(words, k=rng.randint(5, 40))) + "\n" for _ in range(20_000)))
+    tok = tmp_path / "tok"
+    from data_prep.tokenizer import check_tokenizer, save_tokenizer, train_wordpiece
+
+    save_tokenizer(check_tokenizer(train_wordpiece([" ".join(words)] * 3, 60), "trained"), str(tok))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", "-q", "build", "-i", str(big), "-o", str(out), "--seq-len", "32",
+           "--tokenizer", str(tok), "--samples-per-shard", "20", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and any(p.suffix == ".tar" for p in out.iterdir()):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the build finished before Ctrl-C: use a bigger corpus"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert re.fullmatch(r"error: interrupted by Ctrl-C \(python -m data_prep build\): run the same command again.*\n",
+                        stderr), stderr
+    assert not out.exists()
