@@ -1,8 +1,7 @@
 """``python -m data_prep {build,tokenizer,merge,inspect,demo-corpus}``: see docs/DATA_PREP.md.
 
 Exit status: 0 done, 2 bad input or environment (one stderr line ``error: <what> (<where>):
-<what to do>``, no traceback), 1 a bug (a traceback) or ``inspect --verify`` found problems,
-130 interrupted (Ctrl-C).
+<what to do>``, no traceback), 1 a bug (a traceback), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -150,8 +149,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "inspect":
         from .inspect import inspect_dir
 
-        ok = inspect_dir(args.dir, samples=args.samples, verify=args.verify, out=sys.stdout)
-        return 0 if ok else 1
+        if inspect_dir(args.dir, samples=args.samples, verify=args.verify, out=sys.stdout):
+            return 0
+        raise DataPrepError("shards differ from the manifest (listed on stdout)", where=args.dir,
+                            fix="do not train on it: rebuild it with `python -m data_prep build` "
+                                "into a new --out")
     if args.cmd == "demo-corpus":
         from .demo_corpus import fetch_demo_corpus
 

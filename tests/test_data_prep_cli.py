@@ -64,8 +64,10 @@ def test_cli_build_tokenizer_parts_merge_inspect(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("--- train-0000") == 2 and "[CLS]" in out and "all match the manifest" in out
     (tmp_path / "parts" / "val-00001-000000.tar").unlink()
-    assert main(["-q", "inspect", str(tmp_path / "parts"), "--samples", "0", "--verify"]) == 1
-    assert "val-00001-000000.tar: missing" in capsys.readouterr().out
+    assert main(["-q", "inspect", str(tmp_path / "parts"), "--samples", "0", "--verify"]) == 2
+    res = capsys.readouterr()
+    assert "val-00001-000000.tar: missing" in res.out
+    assert res.err.startswith("error: shards differ from the manifest") and res.err.count("\n") == 1
     assert main(["-q", "inspect", str(tmp_path)]) == 2  # not a shard dir: a clear error, no traceback
     assert "(no manifest.json)" in capsys.readouterr().err
 
