@@ -284,7 +284,7 @@ def read_jsonl(path: str, text_field: str = "text") -> Iterator[Doc]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            yield Doc(lineno, None, "invalid_json", f"invalid JSON: {e.msg} at column {e.colno}",
+            yield Doc(lineno, None, "invalid_json", f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}",
                       "fix the line (one JSON object per line)")
             continue
         if not isinstance(obj, dict):
