@@ -14,7 +14,7 @@ import sys
 from typing import NoReturn
 
 from .build import DEFAULT_MAX_SHARD_BYTES
-from .errors import DataPrepError, os_problem
+from .errors import REBUILD, DataPrepError, os_problem
 from .readers import DOC_SEPARATORS, FORMATS
 
 EXIT_BAD_INPUT = 2
@@ -152,8 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         if inspect_dir(args.dir, samples=args.samples, verify=args.verify, out=sys.stdout):
             return 0
         raise DataPrepError("shards differ from the manifest (listed on stdout)", where=args.dir,
-                            fix="do not train on it: rebuild it with `python -m data_prep build` "
-                                "into a new --out")
+                            fix=REBUILD)
     if args.cmd == "demo-corpus":
         from .demo_corpus import fetch_demo_corpus
 

@@ -24,6 +24,10 @@ def one_line(text: object, limit: int = _DETAIL_CHARS) -> str:
     return s if len(s) <= limit else s[: limit - 3].rstrip() + "..."
 
 
+# The fix for a damaged manifest or shard (data_prep's own output): the same words wherever found.
+REBUILD = "do not train on it: rebuild it with `python -m data_prep build` into a new --out"
+
+
 class DataPrepError(ValueError):
     """A problem with the inputs, flags, output directory or environment; exit 2 in the CLI.
 

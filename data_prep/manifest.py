@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from . import FORMAT_VERSION
-from .errors import DataPrepError, os_problem
+from .errors import REBUILD, DataPrepError, os_problem
 
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format_version", "seq_len", "vocab_size", "dtype", "tokenizer", "shards", "splits",
@@ -16,7 +16,6 @@ REQUIRED_KEYS = ("format_version", "seq_len", "vocab_size", "dtype", "tokenizer"
 SHARD_KEYS = ("name", "split", "samples", "tokens", "bytes", "sha256")
 TOKENIZER_KEYS = ("dir", "vocab_sha256", "special_ids")
 _OUTPUT_DIR = "pass the --out directory of a finished `python -m data_prep build`"
-_REBUILD = "rebuild it with `python -m data_prep build` into a new --out"
 
 
 def part_manifest_name(part: int, parts: int) -> str:
@@ -80,28 +79,28 @@ def read_manifest(path: str, required: tuple[str, ...] = ()) -> dict:
         raise os_problem(e, "cannot read the manifest", path) from e
     except UnicodeDecodeError as e:
         raise DataPrepError(f"not a manifest: not UTF-8 text ({e.reason} at byte {e.start})", where=path,
-                            fix=_REBUILD) from e
+                            fix=REBUILD) from e
     except json.JSONDecodeError as e:
         raise DataPrepError(f"not a manifest: invalid JSON at line {e.lineno}: {e.msg}", where=path,
-                            fix=_REBUILD) from e
+                            fix=REBUILD) from e
     if not isinstance(m, dict):
-        raise DataPrepError(f"not a manifest: a JSON {type(m).__name__}, not an object", where=path, fix=_REBUILD)
+        raise DataPrepError(f"not a manifest: a JSON {type(m).__name__}, not an object", where=path, fix=REBUILD)
     missing = [k for k in (*REQUIRED_KEYS, *required) if k not in m]
     if missing:
-        raise DataPrepError(f"manifest lacks keys {missing}", where=path, fix=_REBUILD)
+        raise DataPrepError(f"manifest lacks keys {missing}", where=path, fix=REBUILD)
     if m["format_version"] != FORMAT_VERSION:
         raise DataPrepError(f"format_version {m['format_version']!r}, this tool reads {FORMAT_VERSION}",
-                            where=f"{path} format_version", fix=_REBUILD)
+                            where=f"{path} format_version", fix=REBUILD)
     _check_types(path, m)
     for i, rec in enumerate(m["shards"]):
         lacking = [k for k in SHARD_KEYS if k not in rec]
         if lacking:
-            raise DataPrepError(f"shard record lacks keys {lacking}", where=f"{path} shards[{i}]", fix=_REBUILD)
+            raise DataPrepError(f"shard record lacks keys {lacking}", where=f"{path} shards[{i}]", fix=REBUILD)
         name = rec["name"]
         if (not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".")
                 or not name.endswith(".tar")):
             raise DataPrepError(f"an unsafe or odd shard name {name!r}", where=f"{path} shards[{i}].name",
-                                fix=_REBUILD)
+                                fix=REBUILD)
     return m
 
 
@@ -111,17 +110,17 @@ def _check_types(path: str, m: dict) -> None:
     for key, kind in kinds.items():
         if not isinstance(m[key], kind):
             raise DataPrepError(f"{key} is a JSON {type(m[key]).__name__}, expected {kind.__name__}",
-                                where=f"{path} {key}", fix=_REBUILD)
+                                where=f"{path} {key}", fix=REBUILD)
     for split in ("train", "val"):
         if not isinstance(m["splits"].get(split), dict):
-            raise DataPrepError(f"no {split} totals", where=f"{path} splits.{split}", fix=_REBUILD)
+            raise DataPrepError(f"no {split} totals", where=f"{path} splits.{split}", fix=REBUILD)
     lacking = [k for k in TOKENIZER_KEYS if k not in m["tokenizer"]]
     if lacking:
-        raise DataPrepError(f"tokenizer record lacks keys {lacking}", where=f"{path} tokenizer", fix=_REBUILD)
+        raise DataPrepError(f"tokenizer record lacks keys {lacking}", where=f"{path} tokenizer", fix=REBUILD)
     for i, rec in enumerate(m["shards"]):
         if not isinstance(rec, dict):
             raise DataPrepError(f"shard record is a JSON {type(rec).__name__}, expected object",
-                                where=f"{path} shards[{i}]", fix=_REBUILD)
+                                where=f"{path} shards[{i}]", fix=REBUILD)
 
 
 def summary(m: dict) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import DataPrepError, UnsafeTarError, one_line, os_problem
+from .errors import REBUILD, DataPrepError, UnsafeTarError, one_line, os_problem
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ MEMBER_SUFFIX = ".input_ids.npy"
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile pads the archive to a multiple of this
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_REBUILD = "do not train on it: rebuild the shards with `python -m data_prep build` into a new --out"
 
 
 def shard_name(split: str, index: int, part_tag: str = "") -> str:
@@ -194,7 +193,7 @@ def check_member_name(name: str, path: str = "a tar file") -> None:
     if (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts
             or "\0" in name):
         raise UnsafeTarError(f"unsafe tar member name {name!r} (absolute or with '..')", where=path,
-                             fix=_REBUILD)
+                             fix=REBUILD)
 
 
 def iter_tar_samples(path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -202,29 +201,29 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, np.ndarray]]:
     try:
         tf = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as e:
-        raise DataPrepError(f"not a readable tar file: {one_line(e)}", where=path, fix=_REBUILD) from e
+        raise DataPrepError(f"not a readable tar file: {one_line(e)}", where=path, fix=REBUILD) from e
     with tf:
         while True:
             try:
                 m = tf.next()
             except (tarfile.TarError, OSError) as e:
-                raise DataPrepError(f"corrupt tar: {one_line(e)}", where=path, fix=_REBUILD) from e
+                raise DataPrepError(f"corrupt tar: {one_line(e)}", where=path, fix=REBUILD) from e
             if m is None:
                 return
             check_member_name(m.name, path)
             if not m.isreg():
                 raise UnsafeTarError(f"member {m.name!r} is not a regular file (links, devices and "
-                                     "directories are refused)", where=path, fix=_REBUILD)
+                                     "directories are refused)", where=path, fix=REBUILD)
             if not m.name.endswith(MEMBER_SUFFIX) or not _KEY_RE.match(m.name[: -len(MEMBER_SUFFIX)]):
                 raise DataPrepError(f"unexpected member {m.name!r} (expected <key>{MEMBER_SUFFIX})",
-                                    where=path, fix=_REBUILD)
+                                    where=path, fix=REBUILD)
             f = tf.extractfile(m)
             assert f is not None
             try:
                 arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
             except (ValueError, OSError, EOFError, tarfile.TarError) as e:
                 raise DataPrepError(f"member {m.name!r} is not a valid .npy array: {one_line(e)}",
-                                    where=path, fix=_REBUILD) from e
+                                    where=path, fix=REBUILD) from e
             yield m.name[: -len(MEMBER_SUFFIX)], arr
 
 
