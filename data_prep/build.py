@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from . import FORMAT_VERSION, __version__, outdir
 from .encode import Encoder
-from .errors import BadInputError, DataPrepError
+from .errors import BadInputError, DataPrepError, os_problem
 from .manifest import MANIFEST, part_manifest_name, split_totals, write_json_atomic
 from .packing import MIN_SEQ_LEN, Packer, id_dtype
-from .readers import (DOC_SEPARATORS, EMPTY_REASONS, Source, expand_inputs, read_documents,
-                      source_fingerprint)
+from .readers import (EMPTY_FIX, EMPTY_REASONS, SKIP_BAD, Source, check_doc_separator, expand_inputs,
+                      read_documents, source_fingerprint)
 from .shards import ShardWriter
 from .tokenizer import TokenizerInfo, check_tokenizer, load_tokenizer, save_tokenizer, train_wordpiece
 
@@ -92,29 +92,37 @@ class ValSplit:
 
 
 def _check_flags(o: BuildOptions) -> None:
+    """Refuse bad flag values before the output directory is touched or anything is read."""
     seq_len, vocab_size, tokenizer_dir, workers, part, parts = (o.seq_len, o.vocab_size, o.tokenizer_dir,
                                                                 o.workers, o.part, o.parts)
     if not isinstance(seq_len, int) or seq_len < MIN_SEQ_LEN:
-        raise DataPrepError(f"--seq-len {seq_len} is too small: at least {MIN_SEQ_LEN} "
-                            "([CLS] + tokens + [SEP])")
+        raise DataPrepError(f"sequence length too small: [CLS] + tokens + [SEP] need at least {MIN_SEQ_LEN}",
+                            where=f"--seq-len {seq_len}", fix=f"pass --seq-len {MIN_SEQ_LEN} or more (128 is usual)")
     if (vocab_size is None) == (tokenizer_dir is None):
-        raise DataPrepError("give exactly one of --vocab-size (train a WordPiece vocab) and "
-                            "--tokenizer (an existing tokenizer directory)")
+        raise DataPrepError("both or neither of a vocab size and a tokenizer given",
+                            where="--vocab-size/--tokenizer",
+                            fix="give exactly one: --vocab-size N (train a WordPiece vocab) or "
+                                "--tokenizer DIR (an existing tokenizer directory)")
     if not 0.0 <= o.val_fraction < 1.0:
-        raise DataPrepError(f"--val-fraction {o.val_fraction}: must be in [0, 1)")
+        raise DataPrepError("validation fraction outside [0, 1)", where=f"--val-fraction {o.val_fraction}",
+                            fix="pass a value from 0 up to (not including) 1, e.g. 0.05")
     if workers < 1:
-        raise DataPrepError(f"--workers {workers}: must be at least 1")
+        raise DataPrepError("fewer than one tokenizing process", where=f"--workers {workers}",
+                            fix="pass --workers 1 or more")
     if parts < 1 or not 0 <= part < parts:
-        raise DataPrepError(f"--part {part} --parts {parts}: need 0 <= part < parts")
+        raise DataPrepError("part number outside 0 .. parts-1", where=f"--part {part} --parts {parts}",
+                            fix="pass --parts 1 or more and a --part from 0 to parts-1")
     if parts > 1 and tokenizer_dir is None:
-        raise DataPrepError("--parts > 1 needs one shared tokenizer: train it once with "
-                            "`python -m data_prep tokenizer` and pass --tokenizer")
-    _check_separator(o.doc_separator)
+        raise DataPrepError("a multi-part build needs one shared tokenizer", where=f"--parts {parts}",
+                            fix="train it once with `python -m data_prep tokenizer -i ... -o TOKDIR "
+                                "--vocab-size N` and pass --tokenizer TOKDIR to every part")
+    check_doc_separator(o.doc_separator)
 
 
-def _check_separator(doc_separator: str) -> None:
-    if doc_separator not in DOC_SEPARATORS:
-        raise DataPrepError(f"--doc-separator {doc_separator!r}: must be one of {DOC_SEPARATORS}")
+def _paths(sources: list[Source]) -> str:
+    """The input paths for an error's "where" (the first three of a long list)."""
+    more = f" and {len(sources) - 3} more" if len(sources) > 3 else ""
+    return ", ".join(s.path for s in sources[:3]) + more or "no input files"
 
 
 class _SourceStats:
@@ -144,7 +152,7 @@ def _fingerprint(st: _SourceStats) -> tuple[str | None, int | None]:
     try:
         return source_fingerprint(st.source)
     except OSError as e:  # only reachable with skip_bad: the reading pass failed on it too
-        st.error = st.error or f"{st.source.path}: cannot read: {e}"
+        st.error = st.error or f"cannot read: {e.strerror or e} ({st.source.path})"
         return None, None
 
 
@@ -166,16 +174,15 @@ def _documents(sources: list[Source], stats: list[_SourceStats] | None, opts: Re
             except BadInputError as e:  # the file cannot be read (further)
                 if not skip_bad:
                     raise
-                logger.warning("skipping the rest of %s", e)
+                logger.warning("skipping the rest of %s: %s", src.path, e.problem)
                 if st is not None:
-                    st.error = str(e)
+                    st.error = e.problem
                 break
             if st is not None:
                 st.docs_in += 1
             if doc.error is not None:
                 if doc.error not in EMPTY_REASONS and not skip_bad:
-                    raise BadInputError(src.path, doc.line, doc.detail,
-                                        "use --skip-bad to skip and count such documents")
+                    raise BadInputError(src.path, doc.line, doc.detail, fix=f"{doc.fix}, {SKIP_BAD}")
                 if st is not None:
                     st.skipped[doc.error] += 1
                 continue
@@ -214,7 +221,8 @@ def _get_tokenizer(sources: list[Source], vocab_size: int | None, tokenizer_dir:
     t0 = time.perf_counter()
     hf = train_wordpiece(train_texts(), vocab_size, lowercase=opts.lowercase)
     if counted[0] == 0:
-        raise DataPrepError(f"empty corpus: no training documents in {[s.path for s in sources]}")
+        raise DataPrepError("empty corpus: no training documents", where=_paths(sources),
+                            fix=EMPTY_FIX)
     info = check_tokenizer(hf, "trained")
     info.extra["vocab_size_requested"] = vocab_size
     logger.info("trained a WordPiece vocab of %d tokens on %d documents in %.1f s",
@@ -228,17 +236,18 @@ def _place_tokenizer(info: TokenizerInfo, out_dir: str, parts: int, created: lis
     if parts > 1 and os.path.isdir(final):
         have = load_tokenizer(final)
         if have.vocab_sha256 != info.vocab_sha256:
-            raise DataPrepError(f"{final} holds another tokenizer (vocab sha256 "
-                                f"{have.vocab_sha256[:12]} vs {info.vocab_sha256[:12]})")
+            raise DataPrepError(f"another part placed another tokenizer here (vocab sha256 "
+                                f"{have.vocab_sha256[:12]}, this one {info.vocab_sha256[:12]})", where=final,
+                                fix="pass the same --tokenizer to every part of one --out")
         return
     tmp = os.path.join(out_dir, f".tokenizer.tmp-{os.getpid()}")
     created.append(tmp)
     save_tokenizer(info, tmp)
     try:
         os.rename(tmp, final)
-    except OSError:
+    except OSError as e:
         if parts == 1:
-            raise
+            raise os_problem(e, "cannot place the tokenizer", final) from e
         outdir._remove(tmp)  # another part placed it first: check it is the same one
         return _place_tokenizer(info, out_dir, parts, created)
     created.remove(tmp)
@@ -303,15 +312,15 @@ def build_shards(inputs: list[str], out_dir: str, options: BuildOptions) -> dict
         kept = sum(r["documents"]["kept"] for r in records)
         if kept == 0 and (sources or parts == 1):
             seen = sum(r["documents"]["in"] for r in records)
-            raise DataPrepError(f"empty corpus: no usable documents in {[s.path for s in sources]}"
-                                + (f" ({seen} read, all skipped)" if seen else ""))
+            what = "empty corpus: no usable documents" + (f" ({seen} read, all skipped)" if seen else "")
+            first = "run without --skip-bad to see the first bad document, or " if o.skip_bad and seen else ""
+            raise DataPrepError(what, where=_paths(sources), fix=first + EMPTY_FIX)
         if not sources:
-            logger.warning("part %d of %d has no input files (%d files in all)", part, parts,
-                           len(all_sources))
+            logger.warning("part %d of %d has no input files (%d files in all)", part, parts, len(all_sources))
         totals = split_totals(shards)
         if totals["train"]["samples"] == 0 and parts == 1:
-            raise DataPrepError(f"corpus too small: {n_tokens} tokens give no training sequence of "
-                                f"--seq-len {seq_len}")
+            raise DataPrepError(f"corpus too small: {n_tokens} tokens give no training sequence",
+                                where=f"--seq-len {seq_len}", fix="add documents or pass a smaller --seq-len")
         manifest = _manifest(tok, seq_len, dtype.name, shards, records, o.flags(), part, parts,
                              len(all_sources))
         name = MANIFEST if parts == 1 else part_manifest_name(part, parts)
@@ -371,13 +380,19 @@ def _log_summary(m: dict, total_s: float, n_docs: int, n_tokens: int, encode_s: 
 def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int, options: ReadOptions = ReadOptions()) -> dict:
     """Train a WordPiece vocab on the train-split documents of all inputs and save it to
     ``out_dir`` (for ``--parts`` builds, which must share one tokenizer). Returns its identity."""
-    _check_separator(options.doc_separator)
+    check_doc_separator(options.doc_separator)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise DataPrepError(f"--out {out_dir} is not empty: use a new directory or remove this one")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise outdir.not_empty(out_dir, os.listdir(out_dir))
     sources = expand_inputs(inputs, options.input_format)
-    info = _get_tokenizer(sources, vocab_size, None, options)
-    save_tokenizer(info, out_dir)
+    created = outdir.check_writable(out_dir)
+    try:
+        info = _get_tokenizer(sources, vocab_size, None, options)
+        save_tokenizer(info, out_dir)
+    except BaseException:
+        if created:  # leave no half-saved tokenizer dir behind (a re-run would find it "not empty")
+            outdir._remove(out_dir)
+        raise
     return {"dir": out_dir, "vocab_size": info.vocab_size, "vocab_sha256": info.vocab_sha256,
             "special_ids": info.special_ids}
