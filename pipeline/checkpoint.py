@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ def vet_files(tag_dir: Path) -> None:
     refused here instead (ConfigError, exit 2). A file that does not open at all is damaged
     (DamagedCheckpoint). mmap keeps this cheap: tensor data is mapped, not read."""
     for path in sorted(tag_dir.glob("*.pt")):
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is damaged
+            raise DamagedCheckpoint(f"{path} does not open (not a torch.save archive: truncated or overwritten)")
         try:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
                 try:
