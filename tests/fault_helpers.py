@@ -101,22 +101,42 @@ def run_ok(cmd: list[str], log: Path | None = None, **env: str) -> str:
     return result.stderr
 
 
-def signal_when(cmd: list[str], ready, sig: int, log: Path, timeout: float = 180, **env: str) -> int:
-    """Start `cmd`, send `sig` as soon as ready() holds, return its exit code (stderr to `log`)."""
+def signal_when(cmd: list[str], ready, sig: int, log: Path, timeout: float = 180, group: bool = False,
+                **env: str) -> int:
+    """Start `cmd`, send `sig` as soon as ready() holds, return its exit code (stderr to `log`).
+    group=True: `cmd` starts its own process group and the signal goes to all of it (a launcher and
+    its ranks, as Slurm signals every process of a job step)."""
+    import os
     import signal as signals
     import time
 
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=group)
         deadline = time.time() + timeout
         while not ready():
             assert proc.poll() is None, f"the run ended before the signal point:\n{log.read_text()[-3000:]}"
             assert time.time() < deadline, "signal point not reached"
             time.sleep(0.005)
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         code = proc.wait(timeout=timeout)
-    assert sig != signals.SIGKILL or code == -signals.SIGKILL
+    assert group or sig != signals.SIGKILL or code == -signals.SIGKILL
     return code
+
+
+def torchrun_cmd(data: Path, out: Path, *overrides: str, ranks: int = 2) -> list[str]:
+    """train_cmd under torchrun with `ranks` CPU ranks."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks), "--master_port",
+                str(port), "--shutdown-timeout", "60"]
+    return launcher + train_cmd(data, out, *overrides)[1:]  # train_cmd's "-m pipeline.train ..." after the launcher
 
 
 def newest_checkpoint_step(out: Path) -> int:

@@ -117,3 +117,47 @@ def test_sigkill_three_times_one_inside_a_checkpoint_write_resumes_exactly(tmp_p
         assert set(keys) <= train_keys
     for epoch in sorted(epochs)[:-1]:  # complete epochs leave out only the remainder of a micro-batch
         assert 0 <= len(train_keys) - len(epochs[epoch]) < batch, epoch
+
+
+TWO_RANK_RUN = ["train.max_steps=12", "train.ckpt_every=6", "model.dropout=0.1", "train.eval_every=6",
+                "train.export=true", "train.record_keys=true", "select.policy=sift"]
+
+
+def _zero(stage: int) -> str:
+    return f"train.ds_configs=[ds_configs/base.json, ds_configs/zero{stage}.json]"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_killed_after_a_checkpoint_resume_bit_identically(tiny_data, tmp_path, stage):
+    """ZeRO-2 and ZeRO-3, 2 ranks: SIGKILL to the launcher and both ranks right after the step-6
+    checkpoint, then the same command: the same losses and final weights as an unbroken run, and
+    nothing before the checkpoint trained twice (so a restart from scratch fails here)."""
+    from tests.fault_helpers import assert_resumed_exactly, newest_checkpoint_step, signal_when, torchrun_cmd
+
+    run = [*TWO_RANK_RUN, _zero(stage)]
+    run_ok(torchrun_cmd(tiny_data, tmp_path / "straight", *run))
+    out = tmp_path / "killed"
+    marker = out / "checkpoints" / "step00000006" / "COMPLETE"
+    signal_when(torchrun_cmd(tiny_data, out, *run), marker.exists, signal.SIGKILL, tmp_path / "kill.log", group=True)
+    assert newest_checkpoint_step(out) == 6
+    run_ok(torchrun_cmd(tiny_data, out, *run))
+    assert_resumed_exactly(tmp_path / "straight", out, 6, 12)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_stopped_by_sigterm_checkpoint_and_resume_bit_identically(tiny_data, tmp_path):
+    """SIGTERM to every process (Slurm's preemption): both ranks checkpoint the step they are in,
+    the MLflow run says KILLED, and the same command resumes it exactly."""
+    from tests.fault_helpers import assert_resumed_exactly, newest_checkpoint_step, signal_when, torchrun_cmd
+
+    run = [*TWO_RANK_RUN, _zero(2)]
+    run_ok(torchrun_cmd(tiny_data, tmp_path / "straight", *run))
+    out = tmp_path / "stopped"
+    first = out / "checkpoints" / "step00000006" / "COMPLETE"
+    signal_when(torchrun_cmd(tiny_data, out, *run), first.exists, signal.SIGTERM, tmp_path / "term.log", group=True)
+    stopped_at = newest_checkpoint_step(out)
+    assert 6 <= stopped_at < 12 and max(journal(out, "train/loss")) == stopped_at
+    assert json.loads((out / "mlflow_run.json").read_text())["status"] == "KILLED"
+    run_ok(torchrun_cmd(tiny_data, out, *run))
+    assert_resumed_exactly(tmp_path / "straight", out, stopped_at, 12)
