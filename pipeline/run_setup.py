@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint, preflight, tracking_journal
+from pipeline import checkpoint, preflight
 from pipeline.config import Config, ConfigError, TrainConfig, candidates_per_micro_step, flatten, to_dict
 from pipeline.data import DataFaults, MaskSpec, eval_batches, mask_spec, micro_steps_per_epoch, train_loader
 from pipeline.distributed import DistInfo, all_reduce_max, all_reduce_sum
@@ -26,6 +26,7 @@ from pipeline.manifest import DataError, Manifest
 from pipeline.model import build_model, num_parameters
 from pipeline.selector import Selector
 from pipeline.tracking import Tracker, start_tracker
+from pipeline.tracking.journal import saved_run_id
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def build_run(cfg: Config, info: DistInfo) -> RunParts:
         selector.load_state_dict(rank_state["selector"])
         faults = DataFaults(**rank_state.get("data_faults", {}))
     # a run started while MLflow was down has its id only in the journal's mlflow_run.json
-    resume_id = (progress.mlflow_run_id or tracking_journal.saved_run_id(out_dir)) if resumed else None
+    resume_id = (progress.mlflow_run_id or saved_run_id(out_dir)) if resumed else None
     tracker = start_tracker(cfg.tracking, str(out_dir), rank=info.rank, run_name=run_name(cfg),
                             resume_run_id=resume_id or None)
     progress.mlflow_run_id = tracker.run_id or progress.mlflow_run_id

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import tracking_journal
+from pipeline.tracking import journal as tracking_journal
 from pipeline.tracking import NullTracker, resolve_uri, start_tracker
-from pipeline.tracking_scrub import REDACTED, is_secret_key
-from pipeline.tracking_sync import sync_run
+from pipeline.tracking.scrub import REDACTED, is_secret_key
+from pipeline.tracking.sync import sync_run
 
 MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
 

@@ -17,10 +17,10 @@ import pytest
 from test_tracking import (  # noqa: F401  (the autouse fixture applies here too)
     _no_ambient_tracking_uri, free_port, sqlite_uri, steps_in_run, tracking_cfg)
 
-from pipeline import tracking_journal
+from pipeline.tracking import journal as tracking_journal
 from pipeline.tracking import MlflowTracker, main, start_tracker
-from pipeline.tracking_sender import RunTarget
-from pipeline.tracking_sync import sync_run
+from pipeline.tracking.sender import RunTarget
+from pipeline.tracking.sync import sync_run
 
 MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
 

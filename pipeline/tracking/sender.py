@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.tracking_scrub import scrub_text, staged_artifact
+from pipeline.tracking.scrub import scrub_text, staged_artifact
 
 logger = logging.getLogger(__name__)
 

@@ -2,13 +2,13 @@
 
 Library code logs through a `Tracker`. Rank 0 gets an `MlflowTracker`; other ranks, disabled
 tracking and unit tests get a `NullTracker`. `MlflowTracker` writes every record to the run
-directory's journal first (see `pipeline.tracking_journal`), then hands it to a background sender
-(see `pipeline.tracking_sender`) that batches it to MLflow and re-sends through outages. What is
+directory's journal first (see `pipeline.tracking.journal`), then hands it to a background sender
+(see `pipeline.tracking.sender`) that batches it to MLflow and re-sends through outages. What is
 still unsent at `close` stays in the journal; this re-sends it, skipping what the run already has:
 
     python -m pipeline.tracking sync <run_dir> [--uri URI]
 
-Secrets never leave (see `pipeline.tracking_scrub`). A tracking server for several users:
+Secrets never leave (see `pipeline.tracking.scrub`). A tracking server for several users:
 ``mlflow server --backend-store-uri sqlite:///$PWD/mlflow.db --host 127.0.0.1 --port 5000``
 (bind 127.0.0.1 unless you mean to expose it).
 """
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline import tracking_journal as journal_mod
-from pipeline.tracking_scrub import env_secrets, param_values, scrub_mapping, scrub_obj, scrub_text
+from pipeline.tracking import journal as journal_mod
+from pipeline.tracking.scrub import env_secrets, param_values, scrub_mapping, scrub_obj, scrub_text
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class MlflowTracker:
 
     def __init__(self, client: Any, run_dir: str | os.PathLike, target: Any, *,
                  retry_seconds: float, close_timeout: float = CLOSE_TIMEOUT_S) -> None:
-        from pipeline.tracking_sender import Sender
+        from pipeline.tracking.sender import Sender
 
         self.run_dir = Path(run_dir)
         self.target, self.close_timeout = target, close_timeout
@@ -207,7 +207,7 @@ class MlflowTracker:
 
     def _catch_up(self) -> None:
         """Queue what the previous process journaled and MLflow lacks (runs in the sender)."""
-        from pipeline.tracking_sync import missing_metrics, missing_params, missing_tags
+        from pipeline.tracking.sync import missing_metrics, missing_params, missing_tags
 
         metrics, events = self._backlog or ([], [])
         client, run_id = self.sender.client, self.run_id
@@ -238,7 +238,7 @@ class MlflowTracker:
         return out
 
     def _write_info(self, extra: dict[str, Any]) -> None:
-        from pipeline.tracking_sender import public_uri
+        from pipeline.tracking.sender import public_uri
 
         t = self.target
         info = {"run_id": self.run_id,
@@ -260,7 +260,7 @@ def start_tracker(cfg: Any, run_dir: str, *, rank: int, run_name: str,
         return NullTracker()
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking_sender import RunTarget, public_uri
+    from pipeline.tracking.sender import RunTarget, public_uri
 
     uri = resolve_uri(cfg.uri)
     db = sqlite_path(uri)
@@ -279,7 +279,7 @@ def start_tracker(cfg: Any, run_dir: str, *, rank: int, run_name: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.tracking_sync import sync_run
+    from pipeline.tracking.sync import sync_run
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
     sub = parser.add_subparsers(dest="command", required=True)

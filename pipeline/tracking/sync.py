@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking_journal import read_events, read_metrics, read_run_info, write_run_info
-from pipeline.tracking_scrub import env_secrets, staged_artifact
-from pipeline.tracking_sender import RunTarget, is_transient, open_run
+from pipeline.tracking.journal import read_events, read_metrics, read_run_info, write_run_info
+from pipeline.tracking.scrub import env_secrets, staged_artifact
+from pipeline.tracking.sender import RunTarget, is_transient, open_run
 
 logger = logging.getLogger(__name__)
 
