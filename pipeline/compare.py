@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from pipeline.tracking import resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def _asdict_or_none(s: Spread | None) -> dict | None:
 
 # ----------------------------------------------------------------------------- MLflow
 def tracking_uri(cli_uri: str | None) -> str:
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd()}/mlflow.db"
+    return resolve_uri(cli_uri or "")  # the store the training runs log to by default
 
 
 def is_training_run(tags: dict[str, str]) -> bool:

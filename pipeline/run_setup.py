@@ -25,8 +25,7 @@ from pipeline.export import export_hf
 from pipeline.manifest import DataError, Manifest
 from pipeline.model import build_model, num_parameters
 from pipeline.selector import Selector
-from pipeline.tracking import Tracker, start_tracker
-from pipeline.tracking.journal import saved_run_id
+from pipeline.tracking import Tracker, saved_run_id, start_tracker
 
 log = logging.getLogger(__name__)
 

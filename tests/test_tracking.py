@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from pipeline.tracking import journal as tracking_journal
 from pipeline.tracking import NullTracker, resolve_uri, start_tracker
+from pipeline.tracking import journal as tracking_journal
 from pipeline.tracking.scrub import REDACTED, is_secret_key
-from pipeline.tracking.sync import sync_run
+from pipeline.tracking.sync import send_records, sync_run
 
 MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
 
@@ -106,7 +108,7 @@ def test_sqlite_default_store_holds_params_metrics_tags_artifacts(tmp_path, monk
     local = Path(client.download_artifacts(tracker.run_id, "config.json", str(tmp_path)))
     assert json.loads(local.read_text()) == {"train": {"lr": 1e-3}}
     # the journal has every metric, and the run is findable from the run directory
-    records = tracking_journal.read_metrics(run_dir)
+    records = tracking_journal.read_records(run_dir)
     assert len(records) == 6 and set(records[0]) == {"step", "key", "value", "timestamp"}
     info = tracking_journal.read_run_info(run_dir)
     assert info["run_id"] == tracker.run_id and info["status"] == "FINISHED"
@@ -142,7 +144,7 @@ def test_a_new_run_in_a_used_run_dir_starts_its_own_journal(tmp_path):
     second.log_metrics({"train/loss": 2.0}, 7)
     second.close()
     assert second.run_id != first.run_id
-    assert [r["step"] for r in tracking_journal.read_metrics(run_dir)] == [7]
+    assert [r["step"] for r in tracking_journal.read_records(run_dir)] == [7]
     assert len(list(run_dir.glob(f"metrics.{first.run_id}.*.jsonl"))) == 1
     assert sync_run(str(run_dir))["metrics"] == 0
     assert steps_in_run(MlflowClient(cfg.uri), second.run_id, "train/loss") == [7]
@@ -174,7 +176,7 @@ def test_journal_survives_a_torn_last_line(tmp_path):
     journal = tracking_journal.Journal(tmp_path)
     journal.append_metrics([{"step": 2, "key": "a", "value": 3.0, "timestamp": 3}])
     journal.close()
-    assert [r["step"] for r in tracking_journal.read_metrics(tmp_path)] == [0, 2]
+    assert [r["step"] for r in tracking_journal.read_records(tmp_path)] == [0, 2]
 
 
 # -- secrets -----------------------------------------------------------------------------------------
@@ -224,3 +226,76 @@ def test_no_environment_secret_reaches_mlflow(tmp_path, monkeypatch):
     local = [p.read_text() for p in run_dir.rglob("*") if p.is_file() and p != leaky]
     for text in sent + local + [json.dumps(params), json.dumps(tags)]:
         assert token not in text and password not in text
+
+
+class RefusingClient:
+    """log_batch refuses metric keys starting with "bad" for good, and fails for a while on "down"."""
+
+    def __init__(self) -> None:
+        self.logged, self.down = [], True
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        if any(m.key.startswith("bad") for m in metrics):
+            raise MlflowException("invalid key", error_code=INVALID_PARAMETER_VALUE)
+        if self.down and any(m.key == "down" for m in metrics):
+            raise ConnectionError("server down")
+        self.logged += [m.key for m in metrics]
+
+
+def test_send_records_drops_only_refused_items_and_keeps_the_unsent_through_an_outage():
+    from mlflow.entities import Metric
+
+    client, keys = RefusingClient(), ["a", "bad1", "b", "down", "c", "bad2"]
+    items = [Metric(key, 1.0, 0, 0) for key in keys]
+    with pytest.raises(ConnectionError):
+        send_records(client, "run", "metrics", items, [])
+    assert client.logged == ["a", "b"] and [m.key for m in items] == ["down", "c", "bad2"]
+    client.down = False
+    assert send_records(client, "run", "metrics", items, []) == 1
+    assert client.logged == ["a", "b", "down", "c"] and items == []
+
+
+def test_importing_tracking_imports_no_mlflow():
+    code = "import sys, pipeline.tracking, pipeline.tracking.__main__; assert 'mlflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)
+
+
+def _pipeline_imports() -> dict[str, set[str]]:
+    """Module -> the pipeline modules it imports, at any depth of the file (imports inside functions too)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (root / "pipeline").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [node.module or ""]
+                                ).strip(".") if node.level else node.module
+                found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        graph[name] = {module for module in found if module in files and module != name}
+    return graph
+
+
+def test_the_tracking_package_is_in_no_import_cycle():
+    graph = _pipeline_imports()
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for module in graph[todo.pop()] - seen:
+                seen.add(module)
+                todo.append(module)
+        return seen
+
+    assert {"pipeline.tracking.sender", "pipeline.tracking.sync"} <= reachable("pipeline.tracking")
+    cycles = [name for name in graph if name.startswith("pipeline.tracking") and name in reachable(name)]
+    assert cycles == []

@@ -1,20 +1,9 @@
-"""The local journal of a run: what was logged, written before anything is sent to MLflow.
-
-Files in the run directory:
-- ``metrics.jsonl``: one metric record a line, ``{"step", "key", "value", "timestamp"}``
-  (timestamp in ms since the epoch, the one sent to MLflow);
-- ``tracking_events.jsonl``: params, tags and artifacts, ``{"kind": "params" | "tags" |
-  "artifact", ...}``, already scrubbed of secrets;
-- ``mlflow_run.json``: where the run lives (run id, tracking URI without credentials,
-  experiment) and, after ``close``, its final status and how many records were left unsent;
-- ``tracking_artifacts/``: the JSON files written by ``log_dict``.
-
-A new run (not a resume) in a directory that holds an earlier run's journal sets those files
-aside first (`set_aside`). Each append is flushed. A process killed mid-write leaves at most one torn last line: readers
-skip it and the next writer starts on a fresh line.
+"""The journal of a run, written before anything is sent to MLflow, and the sender's queue, in the run directory:
+``metrics.jsonl`` (a record a line: ``{"step", "key", "value", "timestamp"}``, ms as sent), ``tracking_events.jsonl``
+(``{"kind": "params" | "tags" | "artifact", ...}``, scrubbed), ``mlflow_run.json`` (run id, tracking URI without
+credentials, experiment; after close its status and how many records were unsent) and ``tracking_artifacts/``.
+A writer killed mid-line leaves a torn last line: readers skip it, the next writer starts on a fresh line.
 """
-
-from __future__ import annotations
 
 import json
 import logging
@@ -27,84 +16,79 @@ from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-EVENTS_FILE = "tracking_events.jsonl"
-RUN_INFO_FILE = "mlflow_run.json"
-DICT_ARTIFACT_DIR = "tracking_artifacts"
+METRICS_FILE, EVENTS_FILE = "metrics.jsonl", "tracking_events.jsonl"
+RUN_INFO_FILE, DICT_ARTIFACT_DIR = "mlflow_run.json", "tracking_artifacts"
 
 
 def _open_append(path: Path) -> IO[str]:
     """Open for appending, first ending a torn last line left by a killed writer."""
-    torn = False
-    if path.exists() and path.stat().st_size > 0:
+    handle = open(path, "a", encoding="utf-8")
+    if handle.tell() > 0:
         with open(path, "rb") as f:
             f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    handle = open(path, "a", encoding="utf-8")
-    if torn:
-        handle.write("\n")
+            handle.write("" if f.read(1) == b"\n" else "\n")
     return handle
 
 
 class Journal:
-    """Append-only JSON-lines files under a run directory; safe to call from several threads."""
+    """Append-only JSON-lines files; thread-safe. An append is flushed before it returns (a killed process loses
+    nothing)."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._metrics = _open_append(self.run_dir / METRICS_FILE)
-        self._events: IO[str] | None = None
+        self._lock, self._closed = threading.Lock(), False
+        self._files: dict[str, IO[str]] = {}  # opened at the first append: a new run sets older files aside first
 
     def append_metrics(self, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in records)
-        with self._lock:
-            self._metrics.write(lines)
-            self._metrics.flush()
+        self._append(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
 
     def append_event(self, kind: str, **fields: Any) -> None:
-        line = json.dumps({"kind": kind, **fields}) + "\n"
+        self._append(EVENTS_FILE, json.dumps({"kind": kind, **fields}) + "\n")
+
+    def _append(self, name: str, text: str) -> None:
         with self._lock:
-            if self._events is None:
-                self._events = _open_append(self.run_dir / EVENTS_FILE)
-            self._events.write(line)
-            self._events.flush()
+            if self._closed:
+                logger.warning("journal of %s already closed: record not logged", self.run_dir)
+                return
+            if name not in self._files:
+                self._files[name] = _open_append(self.run_dir / name)
+            self._files[name].write(text)
+            self._files[name].flush()
 
     def close(self) -> None:
         with self._lock:
-            self._metrics.close()
-            if self._events is not None:
-                self._events.close()
+            self._closed = True
+            for handle in self._files.values():
+                handle.close()
 
 
-def set_aside(run_dir: str | os.PathLike) -> list[Path]:
-    """Rename an earlier run's journal files, so a new run's journal (and sync) holds only its own.
-
-    ``metrics.jsonl`` becomes ``metrics.<old run id>.<unix time>.jsonl``; likewise the events.
-    """
+def set_aside(run_dir: str | os.PathLike) -> None:
+    """Rename an earlier run's journal files (``metrics.<old run id>.<unix time>.jsonl``, likewise the events),
+    so that a new run's journal, and sync, hold only its own records."""
     run_dir = Path(run_dir)
-    info = read_run_info(run_dir) or {}
-    tag = f"{info.get('run_id') or 'unknown'}.{int(time.time())}"
-    moved = []
-    for name in (METRICS_FILE, EVENTS_FILE):
-        path = run_dir / name
+    tag = f"{saved_run_id(run_dir) or 'unknown'}.{int(time.time())}"
+    for path in (run_dir / METRICS_FILE, run_dir / EVENTS_FILE):
         if path.exists() and path.stat().st_size > 0:
-            target = path.with_name(f"{path.stem}.{tag}{path.suffix}")
-            os.replace(path, target)
-            moved.append(target)
-    return moved
+            os.replace(path, moved := path.with_name(f"{path.stem}.{tag}{path.suffix}"))
+            logger.info("new run in %s: the earlier %s is now %s", run_dir, path.name, moved.name)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
+def read_from(path: Path, offset: int = 0, limit: int = 0) -> list[tuple[int, dict[str, Any]]]:
+    """The records from byte `offset` on (at most `limit`), each with the offset after it; a line still being
+    written (no newline yet) is left for the next read."""
     records, bad = [], 0
-    with open(path, encoding="utf-8") as f:
+    if not path.exists():
+        return records
+    with open(path, "rb") as f:
+        f.seek(offset)
         for line in f:
-            if not line.strip():
-                continue
+            if not line.endswith(b"\n") or 0 < limit <= len(records):
+                break
+            offset += len(line)
             try:
-                records.append(json.loads(line))
+                if line.strip():
+                    records.append((offset, json.loads(line)))
             except json.JSONDecodeError:
                 bad += 1
     if bad:
@@ -112,33 +96,25 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All metric records of a run directory, in the order they were logged."""
-    return _read_jsonl(Path(run_dir) / METRICS_FILE)
-
-
-def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All param/tag/artifact events of a run directory, in the order they were logged."""
-    return _read_jsonl(Path(run_dir) / EVENTS_FILE)
+def read_records(run_dir: str | os.PathLike, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """All records of a journal file (the metrics unless `name` says otherwise), in the order they were logged."""
+    return [record for _, record in read_from(Path(run_dir) / name)]
 
 
 def write_run_info(run_dir: str | os.PathLike, info: dict[str, Any]) -> None:
     """Write mlflow_run.json atomically (a reader never sees half a file)."""
     path = Path(run_dir) / RUN_INFO_FILE
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")  # one per writing thread
     tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The contents of mlflow_run.json, or None when the run directory has none."""
+    """mlflow_run.json, or None when the run directory has none."""
     path = Path(run_dir) / RUN_INFO_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def saved_run_id(run_dir: str | os.PathLike) -> str | None:
     """The MLflow run id recorded for a run directory, so a restarted training can resume it."""
-    info = read_run_info(run_dir)
-    return info.get("run_id") if info else None
+    return (read_run_info(run_dir) or {}).get("run_id")
