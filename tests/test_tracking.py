@@ -5,6 +5,7 @@ Faults (server outage, hanging server, SIGKILL, sync) are in test_tracking_outag
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from pipeline.tracking import NullTracker, resolve_uri, start_tracker
 from pipeline.tracking import journal as tracking_journal
-from pipeline.tracking.scrub import REDACTED, is_secret_key
+from pipeline.tracking.scrub import REDACTED, is_secret_key, redact_url
 from pipeline.tracking.sync import send_records, sync_run
 
 MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
@@ -226,6 +227,63 @@ def test_no_environment_secret_reaches_mlflow(tmp_path, monkeypatch):
     local = [p.read_text() for p in run_dir.rglob("*") if p.is_file() and p != leaky]
     for text in sent + local + [json.dumps(params), json.dumps(tags)]:
         assert token not in text and password not in text
+
+
+@pytest.mark.parametrize("text,redacted", [
+    ("http://user:pass@host:5000", "http://user:REDACTED@host:5000"),
+    ("https://tok3n@host/x", "https://REDACTED@host/x"),
+    ("https://host/?token=abc123&x=1", "https://host/?token=REDACTED&x=1"),
+    ("s3 https://b.s3/k?X-Amz-Signature=ab12&X-Amz-Credential=AK/1&sv=2", "s3 https://b.s3/k?X-Amz-Signature=REDACTED"
+     "&X-Amz-Credential=REDACTED&sv=2"),
+    ("x?api_key=1&apikey=2&access_token=3&password=4&secret=5&sig=6&key=7&monkey=8",
+     "x?api_key=REDACTED&apikey=REDACTED&access_token=REDACTED&password=REDACTED&secret=REDACTED&sig=REDACTED"
+     "&key=REDACTED&monkey=8"),
+    ("postgresql://u:REDACTED@h/db", "postgresql://u:REDACTED@h/db"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"), ("http://127.0.0.1:5000/a?b=c", "http://127.0.0.1:5000/a?b=c"),
+    ("data.tokenizer=tok/dir", "data.tokenizer=tok/dir"),
+])
+def test_redact_url(text, redacted):
+    assert redact_url(text) == redacted
+
+
+CREDENTIALS = {"tracking": {"uri": "http://alice:pw-Xq81zz@127.0.0.1:5000"},
+               "mirror": "https://host.example/api/?x=1&token=tok-Lm42yy&y=2"}
+
+
+def _tracking_log(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("pipeline"))
+
+
+def test_credentials_in_urls_never_reach_mlflow_or_the_journal(tmp_path, caplog):
+    """Fails without the fix: the resolved config was logged as params with `tracking.uri` unredacted."""
+    caplog.set_level(logging.DEBUG)
+    run_dir = tmp_path / "run"
+    tracker = start_tracker(tracking_cfg(sqlite_uri(tmp_path)), str(run_dir), rank=0, run_name="r")
+    tracker.log_params(CREDENTIALS)
+    tracker.set_tags({"uri": CREDENTIALS["tracking"]["uri"], "mirror": CREDENTIALS["mirror"]})
+    tracker.log_dict(CREDENTIALS, "config.json")
+    tracker.close()
+    client = MlflowClient(sqlite_uri(tmp_path))
+    run = client.get_run(tracker.run_id)
+    assert run.data.params["tracking.uri"] == f"http://alice:{REDACTED}@127.0.0.1:5000"
+    assert run.data.params["mirror"] == f"https://host.example/api/?x=1&token={REDACTED}&y=2"
+    client.download_artifacts(tracker.run_id, "", str(tmp_path / "sent"))
+    texts = [p.read_text() for directory in (tmp_path / "sent", run_dir) for p in directory.rglob("*") if p.is_file()]
+    for text in texts + [json.dumps(run.data.params), json.dumps(run.data.tags), _tracking_log(caplog)]:
+        assert "pw-Xq81zz" not in text and "tok-Lm42yy" not in text, text
+
+
+def test_credentials_in_the_tracking_uri_stay_out_of_the_journal_and_log_lines(tmp_path, caplog):
+    """Fails without the fix: mlflow_run.json kept a token query parameter, the journal the password."""
+    caplog.set_level(logging.DEBUG)
+    uri, run_dir = f"http://alice:pw-Xq81zz@127.0.0.1:{free_port()}/?token=tok-Lm42yy", tmp_path / "run"
+    tracker = start_tracker(tracking_cfg(uri), str(run_dir), rank=0, run_name="r")  # nothing listens there
+    tracker.log_params({"tracking": {"uri": uri}})
+    tracker.log_metrics({"train/loss": 1.0}, 0)
+    tracker.close()
+    assert tracking_journal.read_run_info(run_dir)["uri"].startswith("http://127.0.0.1:")
+    for text in [p.read_text() for p in run_dir.rglob("*") if p.is_file()] + [_tracking_log(caplog)]:
+        assert "pw-Xq81zz" not in text and "tok-Lm42yy" not in text, text
 
 
 class RefusingClient:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.tracking.journal import saved_run_id
-from pipeline.tracking.scrub import env_secrets, public_uri, scrub_text
+from pipeline.tracking.scrub import known_secrets, redact_url, scrub_text
 from pipeline.tracking.sender import MlflowTracker
 from pipeline.tracking.sync import RunTarget, resolve_artifact_location, sqlite_path
 
@@ -69,9 +69,9 @@ def start_tracker(cfg: Any, run_dir: str, *, rank: int, run_name: str, resume_ru
             fcntl.flock(lock, fcntl.LOCK_EX)
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     # the run name is shown in the UI and stored as a tag: no secret in it either
-    target = RunTarget(uri, cfg.experiment, scrub_text(run_name, env_secrets()),
+    target = RunTarget(uri, cfg.experiment, scrub_text(run_name, known_secrets(uri)),
                        resolve_artifact_location(cfg.artifact_location, uri), resume_run_id)
     tracker = MlflowTracker(MlflowClient(tracking_uri=uri), run_dir, target, retry_seconds=float(cfg.retry_seconds))
     logger.info("MLflow run %s (experiment %r) at %s; journal in %s", tracker.run_id, cfg.experiment,
-                public_uri(uri), run_dir)
+                redact_url(uri, drop_userinfo=True), run_dir)
     return tracker

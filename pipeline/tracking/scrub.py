@@ -1,8 +1,8 @@
 """What may reach MLflow, the journal and log lines: flat string params, and nothing that looks like a secret.
 - A key that names a secret (``hf_token``, ``db.password``, ``OPENAI_APIKEY``) gets the value ``REDACTED``; a secret
   word counts at the end of a word only, so ``data.tokenizer``, ``train.tokens_per_s`` and ``author`` are kept.
-- The value of a secret-named environment variable is replaced wherever it appears, small files sent as artifacts
-  included.
+- A known secret (a secret-named environment variable's value, a credential in the tracking URI) is replaced
+  wherever it appears, small files sent as artifacts included; in any URL, credentials are (`redact_url`).
 """
 
 import contextlib
@@ -19,6 +19,9 @@ from pipeline.config import flatten
 REDACTED = "REDACTED"
 SECRET_KEY_RE = re.compile(r"(token|passwords?|passwd|secrets?|api_?key|credentials?|auth(orization)?)(?![a-z])",
                            re.IGNORECASE)
+_QUERY_KEY_RE = re.compile(r"(.*[_.-])?(key|sig|signature|pwd|pass)", re.IGNORECASE)  # also credentials in a URL
+_USERINFO_RE = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^/?#@\s:'\"]*)(?::([^/?#\s'\"]*))?@", re.IGNORECASE)
+_QUERY_RE = re.compile(r"([?&;])([^=&#\s'\"?]+)=([^&#\s'\"]*)")
 MIN_SECRET_LEN = 6  # shorter values ("1", "true") are flags: redacting them would mangle every param
 _NOT_SECRETS = {"true", "false", "none", "null", "enabled", "disabled"}
 PARAM_VALUE_LIMIT = 500  # MLflow servers before 2.x reject longer param values
@@ -30,28 +33,41 @@ def is_secret_key(key: str) -> bool:
     return SECRET_KEY_RE.search(key) is not None
 
 
-def public_uri(text: str) -> str:
-    """`text` with any ``user:password@`` removed from URLs in it."""
-    return re.sub(r"(//)[^/@\s]*@", r"\1", text)
+def _secret_query(m: re.Match) -> bool:
+    return bool(m[3]) and (is_secret_key(m[2]) or _QUERY_KEY_RE.fullmatch(m[2]) is not None)
 
 
-def env_secrets() -> list[str]:
-    """Values of secret-named environment variables, longest first (so overlaps redact fully)."""
+def redact_url(text: str, *, drop_userinfo: bool = False) -> str:
+    """`text` with the credentials in its URLs redacted: ``user:pw@`` becomes ``user:REDACTED@``, a bare
+    ``token@`` ``REDACTED@`` (both dropped with `drop_userinfo`: a URI to connect with, credentials then
+    come from the environment), token-like query values (``?token=``, ``&sig=``, ``api_key=``) REDACTED."""
+    def userinfo(m: re.Match) -> str:  # the user name of ``user:password@`` stays
+        return m[1] if drop_userinfo else f"{m[1]}{m[2] + ':' if m[3] is not None else ''}{REDACTED}@"
+
+    text = _USERINFO_RE.sub(userinfo, text)
+    return _QUERY_RE.sub(lambda m: f"{m[1]}{m[2]}={REDACTED}" if _secret_query(m) else m[0], text)
+
+
+def known_secrets(uri: str = "") -> list[str]:
+    """Values to redact wherever they appear, longest first (so overlaps redact fully): secret-named
+    environment variables' and the credentials inside `uri` (the tracking URI)."""
     values = {value for name, value in os.environ.items() if is_secret_key(name)}
+    values.update(m[2] if m[3] is None else m[3] for m in _USERINFO_RE.finditer(uri))
+    values.update(m[3] for m in _QUERY_RE.finditer(uri) if _secret_query(m))
     return sorted((v for v in values if len(v) >= MIN_SECRET_LEN and v.strip().lower() not in _NOT_SECRETS),
                   key=len, reverse=True)
 
 
 def scrub_text(text: str, secrets: list[str]) -> str:
-    """`text` with every occurrence of a secret value replaced by REDACTED."""
+    """`text` with every known secret and every credential in a URL replaced by REDACTED."""
     for secret in secrets:
         text = text.replace(secret, REDACTED)
-    return text
+    return redact_url(text)
 
 
 def describe_error(exc: BaseException, secrets: list[str]) -> str:
     """An exception's first line for a log message, scrubbed (MLflow's errors quote URLs)."""
-    return public_uri(scrub_text(f"{type(exc).__name__}: {exc}".splitlines()[0], secrets))[:300]
+    return scrub_text(f"{type(exc).__name__}: {exc}".splitlines()[0], secrets)[:300]
 
 
 def scrub_obj(obj: Any, secrets: list[str]) -> Any:
@@ -72,7 +88,7 @@ def param_values(params: dict[str, Any]) -> dict[str, str]:
 @contextlib.contextmanager
 def staged_artifact(path: str, secrets: list[str]) -> Iterator[str]:
     """Yield the path to upload for `path`: itself, or a redacted copy of the same base name in a
-    temporary directory (removed on exit) when a file of it holds a secret."""
+    temporary directory (removed on exit) when a file of it holds a known secret."""
     src, encoded = Path(path), [s.encode() for s in secrets]
     files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
     files = [p for p in files if encoded and not p.is_symlink() and p.stat().st_size <= SCAN_LIMIT_BYTES]

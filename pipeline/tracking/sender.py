@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.tracking.journal import (DICT_ARTIFACT_DIR, EVENTS_FILE, METRICS_FILE, Journal, read_from,
                                        read_records, saved_run_id, set_aside, write_run_info)
-from pipeline.tracking.scrub import describe_error, env_secrets, param_values, public_uri, scrub_obj
+from pipeline.tracking.scrub import describe_error, known_secrets, param_values, redact_url, scrub_obj
 from pipeline.tracking.sync import CHUNK, RunTarget, is_transient, open_run, send_missing, send_records
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class MlflowTracker:
                  close_timeout: float = CLOSE_TIMEOUT_S) -> None:
         self.client, self.target, self.run_dir, self.run_id = client, target, Path(run_dir), target.run_id
         self.retry_seconds, self.close_timeout, self.refused = retry_seconds, close_timeout, 0
-        self.journal, self._secrets, self._bad_keys = Journal(run_dir), env_secrets(), set()
+        self.journal, self._secrets, self._bad_keys = Journal(run_dir), known_secrets(target.uri), set()
         resumed = target.run_id and saved_run_id(run_dir) == target.run_id  # what the killed process may not have sent
         self._backlog = (read_records(run_dir), read_records(run_dir, EVENTS_FILE)) if resumed else None
         if not target.run_id:  # a new run gets a journal of its own
@@ -154,7 +154,7 @@ class MlflowTracker:
                 self._quit = True
             return False
         if self._down_since is not None:
-            logger.info("MLflow at %s is reachable again after %.0f s", public_uri(self.target.uri),
+            logger.info("MLflow at %s is reachable again after %.0f s", redact_url(self.target.uri, drop_userinfo=True),
                         time.monotonic() - self._down_since)
             self._down_since = None
         return True
@@ -164,7 +164,7 @@ class MlflowTracker:
         self._write_info()
 
     def _write_info(self, **extra: Any) -> None:
-        info = {**asdict(self.target), "run_id": self.run_id, "uri": public_uri(self.target.uri)}
+        info = {**asdict(self.target), "run_id": self.run_id, "uri": redact_url(self.target.uri, drop_userinfo=True)}
         write_run_info(self.run_dir, {**info, **extra})
 
     def _send_journal(self) -> None:
@@ -189,5 +189,5 @@ class MlflowTracker:
         if self._down_since is None:
             self._down_since = time.monotonic()
             logger.warning("MLflow at %s is unreachable (%s); training goes on, records are journaled and re-sent "
-                           "every %g s", public_uri(self.target.uri),
+                           "every %g s", redact_url(self.target.uri, drop_userinfo=True),
                            describe_error(exc, self._secrets), self.retry_seconds)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tracking.journal import EVENTS_FILE, read_records, read_run_info, write_run_info
-from pipeline.tracking.scrub import describe_error, env_secrets, staged_artifact
+from pipeline.tracking.scrub import REDACTED, describe_error, known_secrets, staged_artifact
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ def sync_run(run_dir: str, uri: str | None = None) -> dict[str, Any]:
     if info is None:
         raise FileNotFoundError(f"{run_dir}: no mlflow_run.json, not a tracked run directory")
     uri = uri or info["uri"]
+    if REDACTED in uri:
+        logger.warning("the recorded tracking URI %s had credentials, which are never saved: pass --uri", uri)
     client, run_id, status = MlflowClient(tracking_uri=uri), info.get("run_id"), info.get("status")
     if not run_id:  # the store may differ from the one the run started against (a server's sqlite file)
         location = info.get("artifact_location") or resolve_artifact_location("", uri)
@@ -150,7 +152,7 @@ def sync_run(run_dir: str, uri: str | None = None) -> dict[str, Any]:
         write_run_info(run_dir, {**info, "run_id": run_id})
         logger.info("created MLflow run %s for %s", run_id, run_dir)
     journal = read_records(run_dir), read_records(run_dir, EVENTS_FILE)
-    report = {"run_id": run_id, **send_missing(client, run_id, *journal, env_secrets()), "terminated": None}
+    report = {"run_id": run_id, **send_missing(client, run_id, *journal, known_secrets(uri)), "terminated": None}
     if status and client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status)
         report["terminated"] = status
