@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -284,6 +286,21 @@ def test_credentials_in_the_tracking_uri_stay_out_of_the_journal_and_log_lines(t
     assert tracking_journal.read_run_info(run_dir)["uri"].startswith("http://127.0.0.1:")
     for text in [p.read_text() for p in run_dir.rglob("*") if p.is_file()] + [_tracking_log(caplog)]:
         assert "pw-Xq81zz" not in text and "tok-Lm42yy" not in text, text
+
+
+def test_journal_appends_are_fsynced_without_waiting_for_close(tmp_path, monkeypatch):
+    """Fails without the fix: appends were flushed, never fsynced, so a power cut could lose them."""
+    synced, fsync = set(), os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.fstat(fd).st_ino), fsync(fd))[1])
+    journal = tracking_journal.Journal(tmp_path)
+    journal.append_metrics([{"step": 0, "key": "a", "value": 1.0, "timestamp": 1}])
+    journal.append_event("tags", data={"a": "b"})
+    files = {(tmp_path / name).stat().st_ino for name in ("metrics.jsonl", "tracking_events.jsonl")}
+    deadline = time.monotonic() + 10
+    while not files <= synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert files <= synced
+    journal.close()
 
 
 class RefusingClient:

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,13 +33,15 @@ def _open_append(path: Path) -> IO[str]:
 
 class Journal:
     """Append-only JSON-lines files; thread-safe. An append is flushed before it returns (a killed process loses
-    nothing)."""
+    nothing) and fsynced at once by a background thread (a power cut loses at most the last milliseconds, and
+    logging does not wait the ~3 ms of an fsync)."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock, self._closed = threading.Lock(), False
         self._files: dict[str, IO[str]] = {}  # opened at the first append: a new run sets older files aside first
+        self._fsyncs, self._next_fsync = ThreadPoolExecutor(1, "journal-fsync"), None
 
     def append_metrics(self, records: Iterable[dict[str, Any]]) -> None:
         self._append(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
@@ -55,10 +58,22 @@ class Journal:
                 self._files[name] = _open_append(self.run_dir / name)
             self._files[name].write(text)
             self._files[name].flush()
+            if not self._next_fsync or self._next_fsync.running() or self._next_fsync.done():  # not yet queued
+                self._next_fsync = self._fsyncs.submit(self._fsync)
+
+    def _fsync(self) -> None:
+        with self._lock:  # duplicates stay open even if `close` closes the files meanwhile
+            fds = [os.dup(handle.fileno()) for handle in self._files.values() if not handle.closed]
+        for fd in fds:
+            os.fsync(fd)
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
+        self._fsyncs.shutdown(wait=True)
+        self._fsync()
+        with self._lock:
             for handle in self._files.values():
                 handle.close()
 
@@ -102,10 +117,13 @@ def read_records(run_dir: str | os.PathLike, name: str = METRICS_FILE) -> list[d
 
 
 def write_run_info(run_dir: str | os.PathLike, info: dict[str, Any]) -> None:
-    """Write mlflow_run.json atomically (a reader never sees half a file)."""
+    """Write mlflow_run.json atomically (a reader never sees half a file) and durably."""
     path = Path(run_dir) / RUN_INFO_FILE
     tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")  # one per writing thread
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
