@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -301,6 +302,21 @@ def test_journal_appends_are_fsynced_without_waiting_for_close(tmp_path, monkeyp
         time.sleep(0.01)
     assert files <= synced
     journal.close()
+
+
+def test_a_run_on_the_default_store_leaves_the_checkout_clean(tmp_path, monkeypatch):
+    """Fails without the fix: the sqlite schema lock `mlflow.db.lock` beside ./mlflow.db was not ignored by git."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", tmp_path / ".gitignore")
+    monkeypatch.chdir(tmp_path)
+    tracker = start_tracker(tracking_cfg(), "runs/r", rank=0, run_name="r")
+    tracker.log_metrics({"train/loss": 1.0}, 0)
+    tracker.close()
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.iterdir()} - {".git", ".gitignore", "runs"}
+    assert written <= {"mlflow.db", "mlflow.db.lock", "mlartifacts"}  # beside the database, or in the run's dir
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert status == ["?? .gitignore"]
 
 
 class RefusingClient:
