@@ -1,5 +1,5 @@
 """Shared pieces of the speed benchmarks: environment record, random MLM batches, the engine built as
-pipeline.run_setup.build_run builds it, the training step as pipeline/train.py runs it, and an
+pipeline.run.Run.open builds it, the training step itself (pipeline.step.train_step), and an
 interleaved A B A B ... timing loop so that machine drift hits every arm alike.
 
 Not a library module: imported by the scripts in this folder (run them from the repository root).
@@ -52,15 +52,15 @@ def load_line(tag: str) -> str:
 
 
 def mask_spec(vocab: int, mask_prob: float = 0.15):
-    from pipeline.data import MaskSpec
+    from pipeline.masking import MaskSpec
 
     return MaskSpec(mask_prob, vocab, MASK, (PAD, UNK, CLS, SEP, MASK))
 
 
 def random_batch(n: int, seq: int, vocab: int, rng: np.random.Generator, key: str = "b") -> dict:
-    """n packed rows of uniform random token ids ([CLS] ... [SEP]), masked by pipeline.data.mask_tokens
+    """n packed rows of uniform random token ids ([CLS] ... [SEP]), masked by pipeline.masking.mask_tokens
     (15% of the non-special tokens: 80% [MASK], 10% random, 10% kept)."""
-    from pipeline.data import mask_tokens
+    from pipeline.masking import mask_tokens
 
     spec = mask_spec(vocab)
     ids = rng.integers(MASK + 1, vocab, size=(n, seq))
@@ -76,7 +76,7 @@ def run_config(preset: str, micro_batch: int, *overrides: str):
 
     path = REPO / "configs" / f"{preset}.yaml"
     base = [f"model.preset={preset}", f"train.micro_batch={micro_batch}", "train.grad_accum=1",
-            "train.ds_configs=[ds_configs/base.json, ds_configs/cpu.json]", "tracking.enabled=false"]
+            "train.ds_configs=[ds_configs/base.json]", "tracking.enabled=false"]
     return load_config(str(path) if path.is_file() else None, base + list(overrides))
 
 
@@ -89,49 +89,36 @@ def init_single_process():
 
 
 def build_engine(cfg, vocab: int, seq: int):
-    """The model and engine exactly as pipeline.run_setup.build_run makes them (rank 0 of 1)."""
+    """The model and engine exactly as pipeline.run.Run.open makes them (rank 0 of 1)."""
     import deepspeed
 
     from pipeline.ds_config import build_ds_config
     from pipeline.model import build_model
 
-    ds_config = build_ds_config(cfg, 1)
+    ds_config = build_ds_config(cfg, 1, "cpu")
     torch.manual_seed(cfg.train.seed * 1000)
-    model = build_model(cfg.model, vocab, seq, PAD)
+    model = build_model(cfg.model, vocab, seq)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine, ds_config
 
 
 class PipelineStep:
-    """One optimizer step of pipeline/train.py's loop at grad_accum 1: lr, selector, forward,
-    finite check, engine.backward, the plain grad norm, engine.step, loss.item()."""
+    """pipeline.step.train_step, the training step itself, on one given candidate batch (grad_accum 1)."""
 
     def __init__(self, engine, selector, cfg, info) -> None:
-        from pipeline.run_setup import Progress
+        from pipeline.progress import Progress
 
         self.engine, self.selector, self.cfg, self.info = engine, selector, cfg, info
         self.progress = Progress()
-        self.select_cpu_s = 0.0  # CPU seconds of the last selector call (scoring + top-k)
+        self.select_cpu_s = 0.0  # CPU seconds of the last step's scoring and selection
 
     def __call__(self, batch: dict) -> float:
         """Runs the step; returns the selector's scoring seconds."""
-        from pipeline.run_setup import check_finite, lr_at
-        from pipeline.train import _plain_grad_norm
+        from pipeline.step import train_step
 
-        engine, t = self.engine, self.cfg.train
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr_at(self.progress.step, t)
-        cpu = time.process_time()
-        kept, stats = self.selector.select(engine.module.mlm, batch, self.progress.step)
-        self.select_cpu_s = time.process_time() - cpu
-        out = engine(kept["input_ids"].to(self.info.device), kept["labels"].to(self.info.device))
-        if check_finite(out.loss, self.info, self.progress, t.max_nonfinite_in_a_row):
-            engine.backward(out.loss)
-            _plain_grad_norm(engine)
-            engine.step()
-            out.loss.item()
-        self.progress.step += 1
-        return stats.scoring_s
+        metrics = train_step(self.engine, self.selector, iter([batch]), self.progress, self.info, self.cfg.train)
+        self.select_cpu_s = metrics.scoring_cpu_s
+        return metrics.scoring_s
 
 
 class Stopwatch:

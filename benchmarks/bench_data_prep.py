@@ -34,13 +34,13 @@ def cpu_seconds() -> float:
 
 
 def ours(csv_path: str, column: str, tok_dir: str, work: str, workers: int, seq_len: int) -> dict:
-    from data_prep.build import build_shards
+    from data_prep.build import BuildOptions, build_shards
 
     out = os.path.join(work, f"shards-w{workers}")
     shutil.rmtree(out, ignore_errors=True)
     c0, t0 = cpu_seconds(), time.perf_counter()
-    m = build_shards([csv_path], out, seq_len=seq_len, tokenizer_dir=tok_dir, text_column=column,
-                     workers=workers, progress=False)
+    m = build_shards([csv_path], out, BuildOptions(seq_len=seq_len, tokenizer_dir=tok_dir, text_column=column,
+                     workers=workers, progress=False))
     dt = time.perf_counter() - t0
     return {"seconds": dt, "cpu_seconds": cpu_seconds() - c0, "tokens": m["content_tokens"],
             "documents": m["documents"]["kept"]}
@@ -86,7 +86,7 @@ def main() -> None:
     import webdataset
 
     from data_prep import __version__
-    from data_prep.build import train_tokenizer
+    from data_prep.build import ReadOptions, train_tokenizer
     from data_prep.demo_corpus import fetch_demo_corpus
 
     datasets.disable_progress_bars()
@@ -95,7 +95,7 @@ def main() -> None:
     try:
         tok_dir = os.path.join(work, "tokenizer")
         t0 = time.perf_counter()
-        info = train_tokenizer([csv_path], tok_dir, vocab_size=args.vocab_size, text_column=column)
+        info = train_tokenizer([csv_path], tok_dir, vocab_size=args.vocab_size, options=ReadOptions(text_column=column))
         train_s = time.perf_counter() - t0
         runs: dict[str, list[dict]] = {"data_prep workers=1": [], "data_prep workers=2": [],
                                        "datasets.map(batched=True)": []}

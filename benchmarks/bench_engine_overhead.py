@@ -10,9 +10,8 @@ Part `overhead`: samples/s of three arms on the same model, batch and initial we
 process, interleaved round by round (the order rotates), median over rounds:
   plain     a plain PyTorch loop: model(ids, labels).loss.backward(), clip_grad_norm_, AdamW.step,
             zero_grad (torch.optim.AdamW with the DeepSpeed JSON's betas/eps and the run's lr/wd);
-  engine    deepspeed.initialize as pipeline.run_setup.build_run does it (ds_configs/base.json +
-            cpu.json): engine(...), engine.backward, engine.step;
-  pipeline  pipeline/train.py's whole step (vanilla policy): lr set, selector, forward, finite
+  engine    deepspeed.initialize as pipeline.run.Run.open does it (ds_configs/base.json): engine(...), engine.backward, engine.step;
+  pipeline  pipeline.step.train_step, the training step itself (vanilla policy): lr set, selector, forward, finite
             check, engine.backward, the plain grad norm, engine.step, loss.item().
 Goal (issue 3): pipeline / plain >= 0.95.
 
@@ -20,7 +19,7 @@ Part `head`: forward+backward time of the MLM head (BERT's transform + decoder o
 the masked positions only (pipeline.model.sparse_mlm) vs at every position with the loss taken on
 the masked ones (the dense head), at a BERT-base vocab, at the mini and the base hidden sizes.
 
-Data: uniform random token ids masked by pipeline.data.mask_tokens (15%): speed only, no learning.
+Data: uniform random token ids masked by pipeline.masking.mask_tokens (15%): speed only, no learning.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ def overhead(args: argparse.Namespace) -> dict:
     info = bc.init_single_process()
     from pipeline.config import candidates_per_micro_step
     from pipeline.model import build_model
-    from pipeline.selector import Selector
+    from pipeline.sift.hook import Selector
 
     cfg = bc.run_config(args.preset, args.m, "select.policy=vanilla")
     assert candidates_per_micro_step(cfg) == args.m
@@ -47,14 +46,13 @@ def overhead(args: argparse.Namespace) -> dict:
 
     engine, ds_config = bc.build_engine(cfg, args.vocab, args.seq)
     torch.manual_seed(cfg.train.seed * 1000)  # the same initial weights as the engine's model
-    plain = build_model(cfg.model, args.vocab, args.seq, bc.PAD).train()
+    plain = build_model(cfg.model, args.vocab, args.seq).train()
     opt_params = ds_config["optimizer"]["params"]
     optimizer = torch.optim.AdamW(plain.parameters(), lr=cfg.train.lr, betas=tuple(opt_params["betas"]),
                                   eps=opt_params["eps"], weight_decay=cfg.train.weight_decay)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), engine.module.state_dict().values()))
     print(f"engine optimizer: {type(engine.optimizer).__name__}, module training={engine.module.training}")
-    selector = Selector(cfg.select, micro_batch=args.m, num_layers=engine.module.num_layers,
-                        vocab_size=args.vocab, max_steps=cfg.train.max_steps, seed=0, rank=0)
+    selector = Selector.for_run(cfg, vocab_size=args.vocab, mask_id=bc.MASK)
     pipeline_step = bc.PipelineStep(engine, selector, cfg, info)
 
     def plain_arm() -> dict[str, float]:
@@ -125,7 +123,7 @@ def head(args: argparse.Namespace) -> dict:
     from transformers import BertConfig
     from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
-    from pipeline.data import IGNORE_INDEX
+    from pipeline.masking import IGNORE_INDEX
     from pipeline.model import sparse_mlm
 
     batch = bc.random_batch(args.m, args.seq, args.vocab, np.random.default_rng(1))

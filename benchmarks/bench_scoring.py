@@ -4,13 +4,13 @@
     python benchmarks/bench_scoring.py --preset base --n 16 --exits 1 --threads 1     # ~30 s of CPU
 
 Arms, interleaved in one process, no_grad, eval mode, on the same candidate batch of n samples:
-  pipeline     pipeline.scoring.exit_layer_losses as it is now;
+  pipeline     pipeline.sift.scoring.exit_layer_losses as it is now;
   ce_twice     the scorer before the change recorded in docs/BENCHMARKS.md: pipeline.model.sparse_mlm
                (head + a summed cross-entropy over the vocab) and then a second, per-token
                cross-entropy over the same logits;
   trunk        embeddings + k blocks only; head_matmul: mlm.cls at the masked positions only;
   ce           one per-token cross-entropy over the (N, V) masked-position logits.
-Data: uniform random token ids masked by pipeline.data.mask_tokens (15%): speed only.
+Data: uniform random token ids masked by pipeline.masking.mask_tokens (15%): speed only.
 """
 from __future__ import annotations
 
@@ -38,12 +38,12 @@ def main() -> None:
     args = parser.parse_args()
     bc.set_threads(args.threads)
     from pipeline.model import build_model, sparse_mlm
-    from pipeline.scoring import exit_layer_losses
-    from pipeline.selection import per_sample_loss
+    from pipeline.sift.scoring import exit_layer_losses, per_sample_loss
 
     cfg = bc.run_config(args.preset, args.n)
     torch.manual_seed(0)
-    mlm = build_model(cfg.model, args.vocab, args.seq, bc.PAD).mlm
+    model = build_model(cfg.model, args.vocab, args.seq)
+    mlm = model.mlm
     batch = bc.random_batch(args.n, args.seq, args.vocab, np.random.default_rng(0))
     ids, labels = batch["input_ids"], batch["labels"]
     masked = labels != -100
@@ -82,8 +82,8 @@ def main() -> None:
 
     arms = {}
     for k in args.exits:
-        assert torch.allclose(exit_layer_losses(mlm, ids, labels, k)[0], ce_twice(k)), "the two scorers disagree"
-        arms[f"pipeline@{k}"] = lambda k=k: timer(lambda: exit_layer_losses(mlm, ids, labels, k))
+        assert torch.allclose(exit_layer_losses(model, ids, labels, k)[0], ce_twice(k)), "the two scorers disagree"
+        arms[f"pipeline@{k}"] = lambda k=k: timer(lambda: exit_layer_losses(model, ids, labels, k))
         arms[f"ce_twice@{k}"] = lambda k=k: timer(lambda: ce_twice(k))
         arms[f"trunk@{k}"] = lambda k=k: timer(lambda: (mlm.eval(), trunk(k), mlm.train()))
     with torch.no_grad():

@@ -6,8 +6,8 @@
 Every table is printed twice: by the wall clock and by this process's CPU time (the selector's
 CPU time for the scoring column). On a shared machine run with --threads 1 and read the CPU clock.
 
-One engine (built as pipeline.run_setup.build_run builds it, ds_configs/base.json + cpu.json) and
-one pipeline.selector.Selector per arm; every arm runs pipeline/train.py's step (bench_common.
+One engine (built as pipeline.run.Run.open builds it, ds_configs/base.json) and
+one pipeline.sift.hook.Selector per arm; every arm runs pipeline.step.train_step (bench_common.
 PipelineStep): vanilla draws m candidates, sift@k draws m * oversample and keeps m. Arms run in one
 process, interleaved round by round (the order rotates), median over rounds.
 
@@ -21,7 +21,7 @@ Cost model, calibrated each round from separately timed pieces on the same modul
 Goal (issue 4): measured / model <= 1.10 for every arm; on `base` at exit 1, scoring <= 15% of
 the training step.
 
-Data: uniform random token ids masked by pipeline.data.mask_tokens (15%): speed only.
+Data: uniform random token ids masked by pipeline.masking.mask_tokens (15%): speed only.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     bc.set_threads(args.threads)
     info = bc.init_single_process()
-    from pipeline.selector import Selector
+    from pipeline.sift.hook import Selector
 
     vanilla_cfg = bc.run_config(args.preset, args.m, "select.policy=vanilla")
     engine, _ = bc.build_engine(vanilla_cfg, args.vocab, args.seq)
@@ -69,8 +69,7 @@ def main() -> None:
         extra = ["select.policy=vanilla"] if k is None else \
             ["select.policy=sift", f"select.exit_layer={k}", f"select.oversample={args.oversample}"]
         cfg = bc.run_config(args.preset, args.m, *extra, "select.probe_every=0")
-        selector = Selector(cfg.select, micro_batch=args.m, num_layers=L, vocab_size=args.vocab,
-                            max_steps=cfg.train.max_steps, seed=0, rank=0)
+        selector = Selector.for_run(cfg, vocab_size=args.vocab, mask_id=bc.MASK)
         steps[name] = bc.PipelineStep(engine, selector, cfg, info)
         pools[name] = [bc.random_batch(args.m if k is None else n, args.seq, args.vocab, rng, key=f"{name}-{i}-")
                        for i in range(3)]

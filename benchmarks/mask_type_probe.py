@@ -26,10 +26,11 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.selection_probe import unigram_log_probs  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import eval_batches, mask_spec  # noqa: E402
+from pipeline.data import eval_batches  # noqa: E402
+from pipeline.masking import mask_spec  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.run_setup import load_module_weights  # noqa: E402
+from pipeline.checkpoint import load_module_weights  # noqa: E402
 
 POSITION_TYPES = ("mask", "random", "kept")
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for checkpoint in args.checkpoint:
-        model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
+        model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids)
         load_module_weights(model, str(checkpoint))
         m = split_metrics(model, batches, mask_id)
         results.append({"checkpoint": str(checkpoint), **m})

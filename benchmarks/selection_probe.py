@@ -27,13 +27,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import selection  # noqa: E402
+from pipeline.sift import agreement, policies, scoring  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import MaskSpec, mask_spec, train_loader  # noqa: E402
+from pipeline.data import train_loader  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.run_setup import load_module_weights  # noqa: E402
-from pipeline.scoring import exit_layer_losses  # noqa: E402
+from pipeline.checkpoint import load_module_weights  # noqa: E402
+from pipeline.masking import MaskSpec, mask_spec  # noqa: E402
 
 
 def unigram_log_probs(manifest: Manifest, spec: MaskSpec, batches: int, batch: int) -> torch.Tensor:
@@ -64,10 +64,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(str(args.config), [f"data.dir={args.data}"])
     manifest = Manifest.load(str(args.data))
     spec = mask_spec(cfg.data, manifest)
-    model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids["pad"])
+    model = build_model(cfg.model, manifest.vocab_size, manifest.seq_len, manifest.special_ids)
     load_module_weights(model, str(args.checkpoint))
-    mlm = model.mlm.eval()
-    layers = mlm.config.num_hidden_layers
+    model.eval()
+    layers = model.num_layers
     log_probs = unigram_log_probs(manifest, spec, 200, 64)
     m = cfg.train.micro_batch
     rows = []
@@ -84,23 +84,23 @@ def measure(args: argparse.Namespace) -> list[dict]:
             pool_ce.append(mean_unigram_ce(log_probs, labels))
             scores = {}
             for k in range(0, layers + 1):
-                loss, count = exit_layer_losses(mlm, batch["input_ids"], labels, k)
-                scores[k] = selection.selection_scores(loss, count)
+                loss, count = scoring.exit_layer_losses(model, batch["input_ids"], labels, k)
+                scores[k] = scoring.selection_scores(loss, count)
             exact = scores[layers]
             finite = torch.isfinite(exact)
             token_ce = -log_probs[labels[labels >= 0]].float()
-            rarity, _ = selection.per_sample_loss(token_ce, (labels >= 0).nonzero(as_tuple=True)[0], labels.shape[0])
+            rarity, _ = scoring.per_sample_loss(token_ce, (labels >= 0).nonzero(as_tuple=True)[0], labels.shape[0])
             replaced = replaced_share(batch["input_ids"], labels, spec.mask_id)
             pool_replaced.append(float(replaced.mean()))
             for k, s in scores.items():
-                acc[k]["spearman"].append(selection.spearman(s[finite], exact[finite]))
-                acc[k]["overlap"].append(selection.topk_overlap(s, exact, m))
-                acc[k]["kept_ce"].append(mean_unigram_ce(log_probs, labels[selection.topk_keep(s, m)]))
-                acc[k]["rarity_rho"].append(selection.spearman(s[finite], rarity[finite]))
-                resid = selection.unigram_residual_scores(s, rarity)
-                acc[k]["kept_ce_resid"].append(mean_unigram_ce(log_probs, labels[selection.topk_keep(resid, m)]))
-                acc[k]["replaced_rho"].append(selection.spearman(s[finite], replaced[finite]))
-                acc[k]["kept_replaced"].append(float(replaced[selection.topk_keep(s, m)].mean()))
+                acc[k]["spearman"].append(agreement.spearman(s[finite], exact[finite]))
+                acc[k]["overlap"].append(agreement.topk_overlap(s, exact, m))
+                acc[k]["kept_ce"].append(mean_unigram_ce(log_probs, labels[policies.topk_keep(s, m)]))
+                acc[k]["rarity_rho"].append(agreement.spearman(s[finite], rarity[finite]))
+                resid = policies.unigram_residual_scores(s, rarity)
+                acc[k]["kept_ce_resid"].append(mean_unigram_ce(log_probs, labels[policies.topk_keep(resid, m)]))
+                acc[k]["replaced_rho"].append(agreement.spearman(s[finite], replaced[finite]))
+                acc[k]["kept_replaced"].append(float(replaced[policies.topk_keep(s, m)].mean()))
         pool = sum(pool_ce) / len(pool_ce)
         for k, a in acc.items():
             rows.append({"oversample": oversample, "exit_layer": k, "exact": k == layers,

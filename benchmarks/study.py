@@ -12,7 +12,8 @@ With `--warm-seconds S` a vanilla run of S training seconds is trained once (cac
 <out>/warm; reused while its COMPLETE checkpoint exists) and every arm is run a second time from it
 (`train.init_from`, module weights only) into the experiment `<experiment>-warm`.
 From-scratch arms go into `<experiment>` itself. After the runs, `python -m pipeline.compare
---target auto` is called on each experiment, and a diagnostics table and plot are written from the
+--metric eval/mask_accuracy --target auto` is called on each experiment (per method: intervals over
+seeds, a test against vanilla, the regime), and a diagnostics table and plot are written from the
 runs' local journals (kept vs pool unigram cross-entropy, distinct predictions, probe quality).
 
 Outputs under --out: runs/<experiment>/<policy>-s<seed>/ (each run dir), schedule.jsonl (start,
@@ -33,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.study_diagnostics import write_diagnostics  # noqa: E402
+from pipeline.compare.methods import MASK_ACCURACY  # noqa: E402
+from pipeline.compare.runs import METRICS  # noqa: E402
 
 
 def load_average() -> float:
@@ -150,8 +153,8 @@ def finish_warm(args: argparse.Namespace, started: list) -> None:
 
 def compare(args: argparse.Namespace, experiment: str) -> Path:
     out = args.out / "compare" / experiment
-    subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", experiment, "--target",
-                    args.target, "--out", str(out)], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", experiment, "--metric",
+                    args.metric, "--target", args.target, "--out", str(out)], cwd=REPO, check=True)
     write_diagnostics(args.out / "runs" / experiment, out)
     return out
 
@@ -180,7 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warm-beside-scratch", action="store_true",
                    help="train the warm start (--warm-threads, use 1) on one core while the from-scratch arms "
                         "run one at a time on the other; then the warm arms run --parallel at a time")
-    p.add_argument("--target", default="auto", help="passed to pipeline.compare")
+    p.add_argument("--metric", default=MASK_ACCURACY, choices=METRICS,
+                   help="eval metric of the target, passed to pipeline.compare: [MASK] positions alone (default; "
+                        "no credit for copying the kept tokens) or all masked positions")
+    p.add_argument("--target", default="auto", help="passed to pipeline.compare (a value of --metric or 'auto')")
     p.add_argument("--skip-done", action="store_true", help="keep runs that already FINISHED in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
     args = p.parse_args(argv)

@@ -14,17 +14,18 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from tqdm import tqdm
 
 from . import FORMAT_VERSION, __version__, outdir
 from .encode import Encoder
-from .errors import BadInputError, DataPrepError
+from .errors import BadInputError, DataPrepError, os_problem
 from .manifest import MANIFEST, part_manifest_name, split_totals, write_json_atomic
 from .packing import MIN_SEQ_LEN, Packer, id_dtype
-from .readers import (DOC_SEPARATORS, EMPTY_REASONS, Source, expand_inputs, read_documents,
-                      source_fingerprint)
+from .readers import (EMPTY_FIX, EMPTY_REASONS, SKIP_BAD, Source, check_doc_separator, expand_inputs,
+                      read_documents, source_fingerprint)
 from .shards import ShardWriter
 from .tokenizer import TokenizerInfo, check_tokenizer, load_tokenizer, save_tokenizer, train_wordpiece
 
@@ -33,6 +34,46 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
 BATCH_DOCS = 1000
 BATCH_CHARS = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+    """How documents are read from the inputs and split into train and validation (build and tokenizer)."""
+    text_field: str = "text"  # JSON Lines: the document's field
+    text_column: str = "text"  # CSV / Parquet / datasets: the text column
+    doc_separator: str = "line"  # plain text: "line" or "blank" (blank-line separated paragraphs)
+    input_format: str | None = None  # None: from each file's extension
+    skip_bad: bool = False  # skip and count bad documents/files instead of failing
+    val_fraction: float = 0.05
+    seed: int = 0  # salt of the validation split hash
+    lowercase: bool = True  # a trained vocab lowercases
+
+    @property
+    def reader(self) -> dict[str, str]:
+        """The keyword arguments of readers.read_documents."""
+        return {"text_field": self.text_field, "text_column": self.text_column, "doc_separator": self.doc_separator}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions(ReadOptions):
+    """Everything `build_shards` needs besides the inputs and the output directory (docs/DATA_PREP.md)."""
+    seq_len: int
+    vocab_size: int | None = None  # train a WordPiece vocab of this size ...
+    tokenizer_dir: str | None = None  # ... or use this tokenizer directory
+    samples_per_shard: int = 10_000
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    workers: int = 1  # tokenizing processes
+    part: int = 0  # this slice of the input files (0-based) ...
+    parts: int = 1  # ... of this many (then `merge`)
+    progress: bool | None = None  # None: a progress bar only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_dir is not None:  # a Path is welcome; the manifest records a string
+            object.__setattr__(self, "tokenizer_dir", os.fspath(self.tokenizer_dir))
+
+    def flags(self) -> dict[str, Any]:
+        """The options recorded in the manifest (how it was built; the progress bar is not)."""
+        return {k: v for k, v in asdict(self).items() if k != "progress"}
 
 
 class ValSplit:
@@ -50,25 +91,38 @@ class ValSplit:
         return int.from_bytes(h, "big") < self.threshold
 
 
-def _check_flags(seq_len: int, vocab_size: int | None, tokenizer_dir: str | None,
-                 val_fraction: float, workers: int, part: int, parts: int, doc_separator: str) -> None:
+def _check_flags(o: BuildOptions) -> None:
+    """Refuse bad flag values before the output directory is touched or anything is read."""
+    seq_len, vocab_size, tokenizer_dir, workers, part, parts = (o.seq_len, o.vocab_size, o.tokenizer_dir,
+                                                                o.workers, o.part, o.parts)
     if not isinstance(seq_len, int) or seq_len < MIN_SEQ_LEN:
-        raise DataPrepError(f"--seq-len {seq_len} is too small: at least {MIN_SEQ_LEN} "
-                            "([CLS] + tokens + [SEP])")
+        raise DataPrepError(f"sequence length too small: [CLS] + tokens + [SEP] need at least {MIN_SEQ_LEN}",
+                            where=f"--seq-len {seq_len}", fix=f"pass --seq-len {MIN_SEQ_LEN} or more (128 is usual)")
     if (vocab_size is None) == (tokenizer_dir is None):
-        raise DataPrepError("give exactly one of --vocab-size (train a WordPiece vocab) and "
-                            "--tokenizer (an existing tokenizer directory)")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataPrepError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+        raise DataPrepError("both or neither of a vocab size and a tokenizer given",
+                            where="--vocab-size/--tokenizer",
+                            fix="give exactly one: --vocab-size N (train a WordPiece vocab) or "
+                                "--tokenizer DIR (an existing tokenizer directory)")
+    if not 0.0 <= o.val_fraction < 1.0:
+        raise DataPrepError("validation fraction outside [0, 1)", where=f"--val-fraction {o.val_fraction}",
+                            fix="pass a value from 0 up to (not including) 1, e.g. 0.05")
     if workers < 1:
-        raise DataPrepError(f"--workers {workers}: must be at least 1")
+        raise DataPrepError("fewer than one tokenizing process", where=f"--workers {workers}",
+                            fix="pass --workers 1 or more")
     if parts < 1 or not 0 <= part < parts:
-        raise DataPrepError(f"--part {part} --parts {parts}: need 0 <= part < parts")
+        raise DataPrepError("part number outside 0 .. parts-1", where=f"--part {part} --parts {parts}",
+                            fix="pass --parts 1 or more and a --part from 0 to parts-1")
     if parts > 1 and tokenizer_dir is None:
-        raise DataPrepError("--parts > 1 needs one shared tokenizer: train it once with "
-                            "`python -m data_prep tokenizer` and pass --tokenizer")
-    if doc_separator not in DOC_SEPARATORS:
-        raise DataPrepError(f"--doc-separator {doc_separator!r}: must be one of {DOC_SEPARATORS}")
+        raise DataPrepError("a multi-part build needs one shared tokenizer", where=f"--parts {parts}",
+                            fix="train it once with `python -m data_prep tokenizer -i ... -o TOKDIR "
+                                "--vocab-size N` and pass --tokenizer TOKDIR to every part")
+    check_doc_separator(o.doc_separator)
+
+
+def _paths(sources: list[Source]) -> str:
+    """The input paths for an error's "where" (the first three of a long list)."""
+    more = f" and {len(sources) - 3} more" if len(sources) > 3 else ""
+    return ", ".join(s.path for s in sources[:3]) + more or "no input files"
 
 
 class _SourceStats:
@@ -98,19 +152,20 @@ def _fingerprint(st: _SourceStats) -> tuple[str | None, int | None]:
     try:
         return source_fingerprint(st.source)
     except OSError as e:  # only reachable with skip_bad: the reading pass failed on it too
-        st.error = st.error or f"{st.source.path}: cannot read: {e}"
+        st.error = st.error or f"cannot read: {e.strerror or e} ({st.source.path})"
         return None, None
 
 
-def _documents(sources: list[Source], stats: list[_SourceStats] | None, skip_bad: bool,
-               opts: dict) -> Iterator[tuple[int, str | None]]:
+def _documents(sources: list[Source], stats: list[_SourceStats] | None, opts: ReadOptions
+               ) -> Iterator[tuple[int, str | None]]:
     """(source index, text) of every good document; (index, None) at the end of each source.
 
     A bad document raises BadInputError naming file and line, unless ``skip_bad``; with ``stats``
     the documents are counted (the encoding pass), without (the vocab-training pass) they are not."""
+    skip_bad = opts.skip_bad
     for si, src in enumerate(sources):
         st = stats[si] if stats is not None else None
-        it = read_documents(src, **opts)
+        it = read_documents(src, **opts.reader)
         while True:
             try:
                 doc = next(it)
@@ -119,16 +174,15 @@ def _documents(sources: list[Source], stats: list[_SourceStats] | None, skip_bad
             except BadInputError as e:  # the file cannot be read (further)
                 if not skip_bad:
                     raise
-                logger.warning("skipping the rest of %s", e)
+                logger.warning("skipping the rest of %s: %s", src.path, e.problem)
                 if st is not None:
-                    st.error = str(e)
+                    st.error = e.problem
                 break
             if st is not None:
                 st.docs_in += 1
             if doc.error is not None:
                 if doc.error not in EMPTY_REASONS and not skip_bad:
-                    raise BadInputError(src.path, doc.line, doc.detail,
-                                        "use --skip-bad to skip and count such documents")
+                    raise BadInputError(src.path, doc.line, doc.detail, fix=f"{doc.fix}, {SKIP_BAD}")
                 if st is not None:
                     st.skipped[doc.error] += 1
                 continue
@@ -136,12 +190,11 @@ def _documents(sources: list[Source], stats: list[_SourceStats] | None, skip_bad
         yield si, None
 
 
-def _batches(sources: list[Source], stats: list[_SourceStats], skip_bad: bool, opts: dict,
-             splitter: ValSplit) -> Iterator[tuple[Any, list[str], list[bool]]]:
+def _batches(sources: list[Source], stats: list[_SourceStats], opts: ReadOptions, splitter: ValSplit) -> Iterator[tuple[Any, list[str], list[bool]]]:
     texts: list[str] = []
     is_val: list[bool] = []
     chars = 0
-    for si, text in _documents(sources, stats, skip_bad, opts):
+    for si, text in _documents(sources, stats, opts):
         if text is not None:
             texts.append(text)
             is_val.append(splitter(text))
@@ -152,22 +205,24 @@ def _batches(sources: list[Source], stats: list[_SourceStats], skip_bad: bool, o
 
 
 def _get_tokenizer(sources: list[Source], vocab_size: int | None, tokenizer_dir: str | None,
-                   skip_bad: bool, opts: dict, splitter: ValSplit, lowercase: bool) -> TokenizerInfo:
+                   opts: ReadOptions) -> TokenizerInfo:
     if tokenizer_dir is not None:
         return load_tokenizer(tokenizer_dir)
     assert vocab_size is not None
     counted = [0]
+    splitter = ValSplit(opts.val_fraction, opts.seed)
 
     def train_texts() -> Iterator[str]:
-        for _, text in _documents(sources, None, skip_bad, opts):
+        for _, text in _documents(sources, None, opts):
             if text is not None and not splitter(text):
                 counted[0] += 1
                 yield text
 
     t0 = time.perf_counter()
-    hf = train_wordpiece(train_texts(), vocab_size, lowercase=lowercase)
+    hf = train_wordpiece(train_texts(), vocab_size, lowercase=opts.lowercase)
     if counted[0] == 0:
-        raise DataPrepError(f"empty corpus: no training documents in {[s.path for s in sources]}")
+        raise DataPrepError("empty corpus: no training documents", where=_paths(sources),
+                            fix=EMPTY_FIX)
     info = check_tokenizer(hf, "trained")
     info.extra["vocab_size_requested"] = vocab_size
     logger.info("trained a WordPiece vocab of %d tokens on %d documents in %.1f s",
@@ -181,17 +236,18 @@ def _place_tokenizer(info: TokenizerInfo, out_dir: str, parts: int, created: lis
     if parts > 1 and os.path.isdir(final):
         have = load_tokenizer(final)
         if have.vocab_sha256 != info.vocab_sha256:
-            raise DataPrepError(f"{final} holds another tokenizer (vocab sha256 "
-                                f"{have.vocab_sha256[:12]} vs {info.vocab_sha256[:12]})")
+            raise DataPrepError(f"another part placed another tokenizer here (vocab sha256 "
+                                f"{have.vocab_sha256[:12]}, this one {info.vocab_sha256[:12]})", where=final,
+                                fix="pass the same --tokenizer to every part of one --out")
         return
     tmp = os.path.join(out_dir, f".tokenizer.tmp-{os.getpid()}")
     created.append(tmp)
     save_tokenizer(info, tmp)
     try:
         os.rename(tmp, final)
-    except OSError:
+    except OSError as e:
         if parts == 1:
-            raise
+            raise os_problem(e, "cannot place the tokenizer", final) from e
         outdir._remove(tmp)  # another part placed it first: check it is the same one
         return _place_tokenizer(info, out_dir, parts, created)
     created.remove(tmp)
@@ -199,45 +255,29 @@ def _place_tokenizer(info: TokenizerInfo, out_dir: str, parts: int, created: lis
         created.append(final)
 
 
-def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: int | None = None,
-                 tokenizer_dir: str | None = None, val_fraction: float = 0.05,
-                 samples_per_shard: int = 10_000, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 workers: int = 1, part: int = 0, parts: int = 1, skip_bad: bool = False,
-                 text_field: str = "text", text_column: str = "text", doc_separator: str = "line",
-                 input_format: str | None = None, lowercase: bool = True, seed: int = 0,
-                 progress: bool | None = None) -> dict:
-    """Shard ``inputs`` into ``out_dir``; returns the manifest (also written to disk).
-
-    ``progress=None`` shows a progress bar only when stderr is a terminal. See docs/DATA_PREP.md.
-    """
+def build_shards(inputs: list[str], out_dir: str, options: BuildOptions) -> dict:
+    """Shard ``inputs`` into ``out_dir``; returns the manifest (also written to disk). See docs/DATA_PREP.md."""
     t_start = time.perf_counter()
+    o = options
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out_dir = os.fspath(out_dir)
-    tokenizer_dir = os.fspath(tokenizer_dir) if tokenizer_dir is not None else None
-    _check_flags(seq_len, vocab_size, tokenizer_dir, val_fraction, workers, part, parts,
-                 doc_separator)
-    all_sources = expand_inputs(inputs, input_format)
+    _check_flags(o)
+    seq_len, part, parts, progress = o.seq_len, o.part, o.parts, o.progress
+    all_sources = expand_inputs(inputs, o.input_format)
     sources = [s for i, s in enumerate(all_sources) if i % parts == part]
-    opts = {"text_field": text_field, "text_column": text_column, "doc_separator": doc_separator}
-    splitter = ValSplit(val_fraction, seed)
-    flags = {"seq_len": seq_len, "vocab_size": vocab_size, "tokenizer_dir": tokenizer_dir,
-             "val_fraction": val_fraction, "samples_per_shard": samples_per_shard,
-             "max_shard_bytes": max_shard_bytes, "workers": workers, "part": part, "parts": parts,
-             "skip_bad": skip_bad, "text_field": text_field, "text_column": text_column,
-             "doc_separator": doc_separator, "input_format": input_format,
-             "lowercase": lowercase, "seed": seed}
+    splitter = ValSplit(o.val_fraction, o.seed)
     created_dir = outdir.prepare(out_dir, part, parts)
     created: list[str] = []
     writers: dict[str, ShardWriter] = {}
     try:
-        tok = _get_tokenizer(sources, vocab_size, tokenizer_dir, skip_bad, opts, splitter, lowercase)
+        tok = _get_tokenizer(sources, o.vocab_size, o.tokenizer_dir, o)
         _place_tokenizer(tok, out_dir, parts, created)
         dtype = id_dtype(tok.vocab_size)
         tag = outdir.part_tag(part, parts)
         for split in ("train", "val"):
             writers[split] = ShardWriter(
-                out_dir, split, seq_len=seq_len, dtype=dtype, samples_per_shard=samples_per_shard,
-                max_shard_bytes=max_shard_bytes, part_tag=tag,
+                out_dir, split, seq_len=seq_len, dtype=dtype, samples_per_shard=o.samples_per_shard,
+                max_shard_bytes=o.max_shard_bytes, part_tag=tag,
                 on_shard=lambda rec: created.append(os.path.join(out_dir, rec["name"])))
         stats = [_SourceStats(s) for s in sources]
         cls_id, sep_id = tok.special_ids["cls"], tok.special_ids["sep"]
@@ -247,8 +287,8 @@ def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: i
         t0 = time.perf_counter()
         n_docs = n_tokens = 0
         tok_file = os.path.join(out_dir, outdir.TOKENIZER_DIR, "tokenizer.json")
-        with Encoder(tok_file, workers=workers, sep_id=sep_id, dtype=dtype) as enc, bar:
-            for (si, last, is_val), out in enc.map(_batches(sources, stats, skip_bad, opts, splitter)):
+        with Encoder(tok_file, workers=o.workers, sep_id=sep_id, dtype=dtype) as enc, bar:
+            for (si, last, is_val), out in enc.map(_batches(sources, stats, o, splitter)):
                 st = stats[si]
                 for length, v in zip(out.lengths.tolist(), is_val):
                     if length == 0:
@@ -272,16 +312,16 @@ def build_shards(inputs: list[str], out_dir: str, *, seq_len: int, vocab_size: i
         kept = sum(r["documents"]["kept"] for r in records)
         if kept == 0 and (sources or parts == 1):
             seen = sum(r["documents"]["in"] for r in records)
-            raise DataPrepError(f"empty corpus: no usable documents in {[s.path for s in sources]}"
-                                + (f" ({seen} read, all skipped)" if seen else ""))
+            what = "empty corpus: no usable documents" + (f" ({seen} read, all skipped)" if seen else "")
+            first = "run without --skip-bad to see the first bad document, or " if o.skip_bad and seen else ""
+            raise DataPrepError(what, where=_paths(sources), fix=first + EMPTY_FIX)
         if not sources:
-            logger.warning("part %d of %d has no input files (%d files in all)", part, parts,
-                           len(all_sources))
+            logger.warning("part %d of %d has no input files (%d files in all)", part, parts, len(all_sources))
         totals = split_totals(shards)
         if totals["train"]["samples"] == 0 and parts == 1:
-            raise DataPrepError(f"corpus too small: {n_tokens} tokens give no training sequence of "
-                                f"--seq-len {seq_len}")
-        manifest = _manifest(tok, seq_len, dtype.name, shards, records, flags, part, parts,
+            raise DataPrepError(f"corpus too small: {n_tokens} tokens give no training sequence",
+                                where=f"--seq-len {seq_len}", fix="add documents or pass a smaller --seq-len")
+        manifest = _manifest(tok, seq_len, dtype.name, shards, records, o.flags(), part, parts,
                              len(all_sources))
         name = MANIFEST if parts == 1 else part_manifest_name(part, parts)
         created.append(os.path.join(out_dir, name))
@@ -337,22 +377,22 @@ def _log_summary(m: dict, total_s: float, n_docs: int, n_tokens: int, encode_s: 
                 total_s, encode_s, n_docs / max(encode_s, 1e-9), n_tokens / max(encode_s, 1e-9))
 
 
-def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int, val_fraction: float = 0.05,
-                    skip_bad: bool = False, text_field: str = "text", text_column: str = "text",
-                    doc_separator: str = "line", input_format: str | None = None,
-                    lowercase: bool = True, seed: int = 0) -> dict:
+def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int, options: ReadOptions = ReadOptions()) -> dict:
     """Train a WordPiece vocab on the train-split documents of all inputs and save it to
     ``out_dir`` (for ``--parts`` builds, which must share one tokenizer). Returns its identity."""
-    if doc_separator not in DOC_SEPARATORS:
-        raise DataPrepError(f"--doc-separator {doc_separator!r}: must be one of {DOC_SEPARATORS}")
+    check_doc_separator(options.doc_separator)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise DataPrepError(f"--out {out_dir} is not empty: use a new directory or remove this one")
-    sources = expand_inputs(inputs, input_format)
-    opts = {"text_field": text_field, "text_column": text_column, "doc_separator": doc_separator}
-    info = _get_tokenizer(sources, vocab_size, None, skip_bad, opts, ValSplit(val_fraction, seed),
-                          lowercase)
-    save_tokenizer(info, out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise outdir.not_empty(out_dir, os.listdir(out_dir))
+    sources = expand_inputs(inputs, options.input_format)
+    created = outdir.check_writable(out_dir)
+    try:
+        info = _get_tokenizer(sources, vocab_size, None, options)
+        save_tokenizer(info, out_dir)
+    except BaseException:
+        if created:  # leave no half-saved tokenizer dir behind (a re-run would find it "not empty")
+            outdir._remove(out_dir)
+        raise
     return {"dir": out_dir, "vocab_size": info.vocab_size, "vocab_sha256": info.vocab_sha256,
             "special_ids": info.special_ids}

@@ -1,15 +1,33 @@
-"""``python -m data_prep {build,tokenizer,merge,inspect,demo-corpus}``: see docs/DATA_PREP.md."""
+"""``python -m data_prep {build,tokenizer,merge,inspect,demo-corpus}``: see docs/DATA_PREP.md.
+
+Exit status: 0 done, 2 bad input or environment (one stderr line ``error: <what> (<where>):
+<what to do>``, no traceback), 1 a bug (a traceback), 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+from typing import NoReturn
 
 from .build import DEFAULT_MAX_SHARD_BYTES
-from .errors import DataPrepError
+from .errors import REBUILD, DataPrepError, os_problem
 from .readers import DOC_SEPARATORS, FORMATS
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in the one-line form (argparse's own prints usage lines too);
+    subcommand parsers are made with the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        err = DataPrepError(message, where=self.prog, fix=f"see `{self.prog} --help`")
+        self.exit(EXIT_BAD_INPUT, f"error: {err}\n")
 
 
 def _reader_args(p: argparse.ArgumentParser) -> None:
@@ -29,7 +47,8 @@ def _reader_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    ap = _Parser(prog="python -m data_prep", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -67,36 +86,58 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Run one command; bad input, a broken environment or Ctrl-C end in one stderr line, never a
+    traceback (a traceback, exit 1, means a bug in data_prep)."""
+    command = "python -m data_prep"
     try:
+        args = _parser().parse_args(argv)
+        command += f" {args.cmd}"
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return _run(args)
     except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
+    except KeyboardInterrupt:
+        return _fail(DataPrepError("interrupted by Ctrl-C", where=command,
+                                   fix="run the same command again (an interrupted build removes what it wrote)"),
+                     EXIT_INTERRUPTED)
+    except BrokenPipeError:  # stdout's reader went away (`inspect ... | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # an environment problem the library did not name (disk, permissions)
+        return _fail(os_problem(e, "cannot read or write a file"))
+    except MemoryError:
+        return _fail(DataPrepError("out of memory", where=command,
+                                   fix="free memory, or pass --workers 1 (each worker holds a tokenizer)"))
+
+
+def _fail(err: DataPrepError, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return code
+
+
+def _read_options(args: argparse.Namespace) -> dict:
+    """The ReadOptions fields from the reader flags (build and tokenizer share them)."""
+    names = ("input_format", "text_field", "text_column", "doc_separator", "skip_bad", "val_fraction", "seed")
+    return {**{k: getattr(args, k) for k in names}, "lowercase": not args.cased}
 
 
 def _run(args: argparse.Namespace) -> int:
-    common = {k: getattr(args, k) for k in ("input_format", "text_field", "text_column",
-                                            "doc_separator", "skip_bad", "val_fraction", "seed")
-              if hasattr(args, k)}
     if args.cmd == "build":
-        from .build import build_shards
+        from .build import BuildOptions, build_shards
         from .manifest import summary
 
-        m = build_shards(args.input, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
-                         tokenizer_dir=args.tokenizer_dir, samples_per_shard=args.samples_per_shard,
-                         max_shard_bytes=args.max_shard_bytes, workers=args.workers,
-                         part=args.part, parts=args.parts, lowercase=not args.cased,
-                         progress=False if args.no_progress else None, **common)
-        print(summary(m))
+        options = BuildOptions(seq_len=args.seq_len, vocab_size=args.vocab_size, tokenizer_dir=args.tokenizer_dir,
+                               samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                               workers=args.workers, part=args.part, parts=args.parts,
+                               progress=False if args.no_progress else None, **_read_options(args))
+        print(summary(build_shards(args.input, args.out, options)))
         return 0
     if args.cmd == "tokenizer":
-        from .build import train_tokenizer
+        from .build import ReadOptions, train_tokenizer
 
         info = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size,
-                               lowercase=not args.cased, **common)
+                               options=ReadOptions(**_read_options(args)))
         print(json.dumps(info, indent=2))
         return 0
     if args.cmd == "merge":
@@ -108,8 +149,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "inspect":
         from .inspect import inspect_dir
 
-        ok = inspect_dir(args.dir, samples=args.samples, verify=args.verify, out=sys.stdout)
-        return 0 if ok else 1
+        if inspect_dir(args.dir, samples=args.samples, verify=args.verify, out=sys.stdout):
+            return 0
+        raise DataPrepError("shards differ from the manifest (listed on stdout)", where=args.dir,
+                            fix=REBUILD)
     if args.cmd == "demo-corpus":
         from .demo_corpus import fetch_demo_corpus
 

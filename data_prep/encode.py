@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -54,6 +55,10 @@ def _load(tokenizer_file: str) -> Any:
 
 
 def _init_worker(tokenizer_file: str, sep_id: int, dtype: str) -> None:
+    # Ctrl-C reaches the whole process group: the parent handles it (one line, exit 130, output
+    # removed); a worker dying of it would only add a traceback per process. The worker was
+    # started with SIGINT blocked (Encoder._submit), so none arrived before this line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(tok=_load(tokenizer_file), sep=sep_id, dtype=np.dtype(dtype))
 
@@ -88,7 +93,7 @@ class Encoder:
         inflight: deque = deque()
         try:
             for tag, texts, is_val in batches:
-                inflight.append((tag, self._pool.submit(_work, texts, is_val)))
+                inflight.append((tag, self._submit(texts, is_val)))
                 while len(inflight) > 2 * self.workers:
                     t, fut = inflight.popleft()
                     yield t, fut.result()
@@ -96,9 +101,23 @@ class Encoder:
                 t, fut = inflight.popleft()
                 yield t, fut.result()
         except BrokenProcessPool as e:
-            raise DataPrepError("a tokenizer worker process died (out of memory? or a script "
-                                "without `if __name__ == '__main__':`, which spawned workers "
-                                "need); try --workers 1") from e
+            raise DataPrepError("a tokenizer worker process died (out of memory?)",
+                                where=f"--workers {self.workers}",
+                                fix="retry with --workers 1; a script calling build_shards needs "
+                                    "`if __name__ == '__main__':`, which spawned workers import") from e
+
+    def _submit(self, texts: list[str], is_val: list[bool]) -> Future:
+        """Submit a batch with SIGINT blocked: ``submit`` may spawn a worker, which inherits the
+        mask, so a Ctrl-C during its start-up (imports, before ``_init_worker``) cannot kill it
+        with a traceback. The parent gets a pending Ctrl-C when the mask is restored."""
+        assert self._pool is not None
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+            return self._pool.submit(_work, texts, is_val)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return self._pool.submit(_work, texts, is_val)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def close(self) -> None:
         if self._pool is not None:

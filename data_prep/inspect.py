@@ -12,10 +12,23 @@ from typing import TextIO
 import numpy as np
 
 from .errors import DataPrepError
-from .manifest import read_manifest, summary
+from .manifest import MANIFEST, read_manifest, summary
 from .shards import file_sha256, iter_tar_samples
 
 logger = logging.getLogger(__name__)
+
+
+def check_output_dir(path: str) -> None:
+    """Refuse anything but a directory up front: a file given here (README.md, a shard, the
+    manifest itself) is not a damaged manifest, and saying "invalid JSON" sent people looking
+    for one."""
+    if os.path.isdir(path) or not os.path.exists(path):
+        return  # read_manifest names a missing path or manifest.json
+    parent = os.path.dirname(os.path.abspath(path))
+    fix = (f"pass its directory instead: {parent}" if os.path.basename(path) == MANIFEST
+           or os.path.isfile(os.path.join(parent, MANIFEST))
+           else "pass the --out directory of a finished `python -m data_prep build`")
+    raise DataPrepError("not a data_prep output directory (a file)", where=path, fix=fix)
 
 
 def verify_shards(shard_dir: str, manifest: dict | None = None) -> list[str]:
@@ -49,7 +62,7 @@ def verify_shards(shard_dir: str, manifest: dict | None = None) -> list[str]:
                 if ids[0] != cls or ids[-1] != sep or int(ids.max()) >= vocab:
                     problems.append(f"{rec['name']}: {key} lacks [CLS]/[SEP] or has ids >= {vocab}")
         except DataPrepError as e:
-            problems.append(f"{rec['name']}: {e}")
+            problems.append(f"{rec['name']}: {e.what}")
             continue
         if n != rec["samples"]:
             problems.append(f"{rec['name']}: {n} samples, manifest says {rec['samples']}")
@@ -63,6 +76,7 @@ def verify_shards(shard_dir: str, manifest: dict | None = None) -> list[str]:
 def inspect_dir(shard_dir: str, *, samples: int = 3, verify: bool = False,
                 out: TextIO = sys.stdout) -> bool:
     """Print the summary and ``samples`` decoded samples; returns False when verify found problems."""
+    check_output_dir(shard_dir)
     m = read_manifest(shard_dir)
     print(summary(m), file=out)
     tok = None

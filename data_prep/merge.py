@@ -5,66 +5,77 @@ and that their shard files are present with the recorded sizes (``inspect --veri
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 
 from .errors import DataPrepError
-from .manifest import MANIFEST, split_totals, write_json_atomic
+from .manifest import MANIFEST, read_manifest, split_totals, write_json_atomic
+from .readers import EMPTY_FIX
 
 logger = logging.getLogger(__name__)
 
 _PART_RE = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
 _SAME = ("format_version", "seq_len", "vocab_size", "dtype")
 _FLAGS_FREE = ("part", "workers")
+_PART_KEYS = ("parts", "documents", "content_tokens")
+_SAME_BUILD = "rebuild this part with the same --input, flags and --tokenizer as part 0"
 
 
 def merge_parts(out_dir: str) -> dict:
     """Write ``<out_dir>/manifest.json`` over all parts; returns it."""
     if not os.path.isdir(out_dir):
-        raise DataPrepError(f"{out_dir}: no such directory")
+        raise DataPrepError("a file, not a directory" if os.path.exists(out_dir) else "no such directory",
+                            where=out_dir, fix="pass the --out directory the --part builds wrote to")
     names = sorted(os.listdir(out_dir))
     found = {(int(m[1]), int(m[2])): n for n in names if (m := _PART_RE.match(n))}
     if not found:
-        raise DataPrepError(f"{out_dir}: no part manifests (manifest.part-*-of-*.json)")
+        fix = ("nothing to merge: it is a single build, use it as it is" if MANIFEST in names else
+               "build the parts into it first: `python -m data_prep build ... --part I --parts N --out DIR`")
+        raise DataPrepError("no part manifests (manifest.part-*-of-*.json)", where=out_dir, fix=fix)
     counts = {n for _, n in found}
     if len(counts) > 1:
-        raise DataPrepError(f"{out_dir}: part manifests of different --parts counts {sorted(counts)}")
+        raise DataPrepError(f"part manifests of different --parts counts {sorted(counts)}", where=out_dir,
+                            fix="give each multi-part build its own --out; remove the other build's files")
     parts = counts.pop()
     running = [n for n in names if n.startswith(".incomplete.part-")]
     missing = [i for i in range(parts) if (i, parts) not in found]
     if missing or running:
-        raise DataPrepError(f"{out_dir}: parts not finished: missing {missing}"
-                            + (f", still running or crashed: {running}" if running else ""))
-    mans = []
-    for i in range(parts):
-        with open(os.path.join(out_dir, found[i, parts]), encoding="utf-8") as f:
-            mans.append(json.load(f))
+        raise DataPrepError(f"parts not finished: missing {missing}"
+                            + (f", still running or crashed: {running}" if running else ""), where=out_dir,
+                            fix="build the missing parts (--part I) or wait for the running ones; a crashed "
+                                "part restarts cleanly when run again")
+    files = [os.path.join(out_dir, found[i, parts]) for i in range(parts)]
+    mans = [read_manifest(f, _PART_KEYS) for f in files]
     first = mans[0]
     for i, m in enumerate(mans[1:], start=1):
         for k in _SAME:
             if m[k] != first[k]:
-                raise DataPrepError(f"part {i}: {k} {m[k]!r} differs from part 0's {first[k]!r}")
+                raise DataPrepError(f"{k} {m[k]!r} differs from part 0's {first[k]!r}", where=files[i],
+                                    fix=_SAME_BUILD)
         if m["tokenizer"]["vocab_sha256"] != first["tokenizer"]["vocab_sha256"]:
-            raise DataPrepError(f"part {i} used another tokenizer than part 0")
+            raise DataPrepError("another tokenizer than part 0's", where=files[i], fix=_SAME_BUILD)
         fa = {k: v for k, v in m["tool"]["flags"].items() if k not in _FLAGS_FREE}
         fb = {k: v for k, v in first["tool"]["flags"].items() if k not in _FLAGS_FREE}
         if fa != fb:
             diff = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
-            raise DataPrepError(f"part {i} was built with other flags than part 0: {diff}")
+            raise DataPrepError(f"built with other flags than part 0: {diff}", where=files[i], fix=_SAME_BUILD)
     n_sources = sum(len(m["sources"]) for m in mans)
     if n_sources != first["parts"]["sources_total"]:
-        raise DataPrepError(f"parts hold {n_sources} sources, expected "
-                            f"{first['parts']['sources_total']}: were the inputs the same?")
+        raise DataPrepError(f"parts hold {n_sources} sources, expected {first['parts']['sources_total']}",
+                            where=out_dir, fix="rebuild every part with the same --input list")
+    for i, m in enumerate(mans):
+        for s in m["shards"]:
+            path = os.path.join(out_dir, s["name"])
+            if not os.path.isfile(path) or os.path.getsize(path) != s["bytes"]:
+                raise DataPrepError(f"shard missing or not the {s['bytes']} bytes part {i} recorded", where=path,
+                                    fix=f"rebuild part {i}: remove {found[i, parts]} and its shards, then run "
+                                        f"--part {i} again")
     shards = ([s for m in mans for s in m["shards"] if s["split"] == "train"]
               + [s for m in mans for s in m["shards"] if s["split"] == "val"])
-    for s in shards:
-        path = os.path.join(out_dir, s["name"])
-        if not os.path.isfile(path) or os.path.getsize(path) != s["bytes"]:
-            raise DataPrepError(f"{path}: missing or not {s['bytes']} bytes as its part recorded")
     if len({s["name"] for s in shards}) != len(shards):
-        raise DataPrepError(f"{out_dir}: two parts list the same shard name")
+        raise DataPrepError("two parts list the same shard name", where=out_dir,
+                            fix="give each multi-part build its own --out and rebuild")
     sources = sorted((s for m in mans for s in m["sources"]), key=lambda s: s["path"])
     docs = {k: sum(m["documents"][k] for m in mans) for k in ("in", "kept", "skipped")}
     reasons: dict[str, int] = {}
@@ -72,9 +83,10 @@ def merge_parts(out_dir: str) -> dict:
         for r, n in m["documents"]["skipped_by_reason"].items():
             reasons[r] = reasons.get(r, 0) + n
     if docs["kept"] == 0:
-        raise DataPrepError(f"{out_dir}: empty corpus: no part kept any document")
+        raise DataPrepError("empty corpus: no part kept any document", where=out_dir, fix=EMPTY_FIX)
     if not any(s["split"] == "train" for s in shards):
-        raise DataPrepError(f"{out_dir}: corpus too small: the parts hold no training sequence")
+        raise DataPrepError("corpus too small: the parts hold no training sequence", where=out_dir,
+                            fix="add documents, or rebuild every part with a smaller --seq-len")
     flags = {k: v for k, v in first["tool"]["flags"].items() if k != "part"}
     merged = {**first,
               "shards": shards, "splits": split_totals(shards),

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 
-from .errors import DataPrepError
+from .errors import DataPrepError, os_problem
 from .manifest import MANIFEST, part_manifest_name
 
 logger = logging.getLogger(__name__)
@@ -57,14 +57,33 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def prepare(out_dir: str, part: int, parts: int) -> bool:
-    """Check ``out_dir`` and claim it for this build; returns True when this call created it."""
+def check_writable(out_dir: str) -> bool:
+    """Create ``out_dir`` if needed and check it is a writable directory (build and tokenizer
+    ``--out``); returns True when this call created it."""
     created = not os.path.exists(out_dir)
     if not created and not os.path.isdir(out_dir):
-        raise DataPrepError(f"--out {out_dir}: exists and is not a directory")
-    os.makedirs(out_dir, exist_ok=True)
+        raise DataPrepError("exists and is not a directory", where=f"--out {out_dir}",
+                            fix="pass a new directory path to --out")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise os_problem(e, "cannot create the output directory", f"--out {out_dir}") from e
     if not os.access(out_dir, os.W_OK):
-        raise DataPrepError(f"--out {out_dir}: not writable")
+        raise DataPrepError("output directory not writable", where=f"--out {out_dir}",
+                            fix="fix its permissions or pass another --out")
+    return created
+
+
+def not_empty(out_dir: str, names: list[str], note: str = "") -> DataPrepError:
+    """The error for an ``--out`` holding files: nothing is ever overwritten."""
+    shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    return DataPrepError(f"output directory is not empty ({shown}){note}", where=f"--out {out_dir}",
+                         fix="use a new directory or remove this one")
+
+
+def prepare(out_dir: str, part: int, parts: int) -> bool:
+    """Check ``out_dir`` and claim it for this build; returns True when this call created it."""
+    created = check_writable(out_dir)
     names = sorted(os.listdir(out_dir))
     marker = marker_name(part, parts)
     if parts == 1:
@@ -78,10 +97,7 @@ def prepare(out_dir: str, part: int, parts: int) -> bool:
         done = done or (marker not in names and any(_mine(n, part, parts) for n in names
                                                     if n != TOKENIZER_DIR))
     if foreign or done:
-        shown = ", ".join((foreign or names)[:5])
-        raise DataPrepError(f"--out {out_dir} is not empty ({shown}{', ...' if len(names) > 5 else ''}): "
-                            "use a new directory or remove this one"
-                            + ("" if parts == 1 else f" (part {part} of {parts} already built?)"))
+        raise not_empty(out_dir, foreign or names, "" if parts == 1 else f", part {part} of {parts} already built?")
     if marker in names:
         left = [n for n in names if _mine(n, part, parts) and n != marker
                 and (parts == 1 or n != TOKENIZER_DIR)]

@@ -4,7 +4,7 @@ Every reader yields :class:`Doc` records carrying a 1-based line (or row) number
 can be reported as ``file:line``. A bad document is yielded with ``error`` set rather than raised,
 so the caller decides between failing (the default) and skipping with a count (``--skip-bad``).
 Errors that stop a whole file (cannot open, truncated gzip, no such column) raise
-:class:`BadInputError`.
+:class:`BadInputError`. A line with NUL bytes is reported as binary data (``binary``), not as bad UTF-8.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from typing import IO, Iterator
 
-from .errors import BadInputError, DataPrepError
+from .errors import BadInputError, DataPrepError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ DOC_SEPARATORS = ("line", "blank")
 
 # Reasons a document is skipped. "empty" and "no_tokens" are skipped always (nothing to train on);
 # the others are bad input: an error unless skip_bad is set.
-BAD_REASONS = ("undecodable", "invalid_json", "not_an_object", "missing_field", "not_a_string")
+BAD_REASONS = ("binary", "undecodable", "invalid_json", "not_an_object", "missing_field", "not_a_string")
 EMPTY_REASONS = ("empty", "no_tokens")
 
 _EXT_FORMATS = {
@@ -50,14 +50,32 @@ class Source:
     fmt: str
 
 
+SKIP_BAD = "or pass --skip-bad to skip and count such documents"
+EMPTY_FIX = "check that the inputs hold text (are --format, --text-field and --text-column right?)"
+_NOT_UTF8 = "bytes are not valid UTF-8"
+_REENCODE = "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+_BINARY = "binary data (NUL bytes), not text"
+_TEXT_ONLY = "give text files only (a compressed one needs its .gz name, other formats --format)"
+_SKIP_FILE = "or pass --skip-bad to skip it"
+_SKIP_REST = "or pass --skip-bad to keep what was read before it"
+
+
 @dataclass(frozen=True)
 class Doc:
-    """A document (``text``) or a bad one (``error`` is a reason code, ``detail`` says more)."""
+    """A document (``text``), or a bad one: ``error`` a reason code, ``detail`` what, ``fix`` what to do."""
 
     line: int
     text: str | None
     error: str | None = None
     detail: str = ""
+    fix: str = ""
+
+
+def check_doc_separator(doc_separator: str) -> None:
+    """Refuse an unknown --doc-separator before anything is read."""
+    if doc_separator not in DOC_SEPARATORS:
+        raise DataPrepError(f"unknown document separator {doc_separator!r}", where="--doc-separator",
+                            fix=f"use one of {', '.join(DOC_SEPARATORS)}")
 
 
 def _is_dataset_dir(path: str) -> bool:
@@ -69,13 +87,15 @@ def _detect_format(path: str) -> str:
     if os.path.isdir(path):
         if _is_dataset_dir(path):
             return "hf_dataset"
-        raise DataPrepError(f"{path}: a directory that is not a datasets.save_to_disk directory "
-                            "(no state.json/dataset_info.json); pass files or a glob instead")
+        raise BadInputError(path, None, "a directory, not a datasets.save_to_disk directory (no "
+                            "state.json and dataset_info.json)",
+                            fix=f"pass the files in it, e.g. --input '{os.path.join(path, '*.jsonl')}'")
     name = path[:-3] if path.endswith(".gz") else path
     ext = os.path.splitext(name)[1].lower()
     if ext not in _EXT_FORMATS:
-        raise DataPrepError(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
-                            f"use one of {sorted(_EXT_FORMATS)} (optionally .gz) or pass --format")
+        raise BadInputError(path, None, f"cannot tell the format from the extension {ext or '(none)'!r}",
+                            fix=f"pass --format ({', '.join(FORMATS)}) or name the file with one of "
+                                f"{', '.join(sorted(_EXT_FORMATS))} (optionally + .gz)")
     return _EXT_FORMATS[ext]
 
 
@@ -83,16 +103,28 @@ def _expand_one(spec: str) -> list[str]:
     if any(c in spec for c in "*?["):
         found = sorted(glob.glob(spec, recursive=True))
         if not found:
-            raise DataPrepError(f"--input {spec!r}: no files match this glob")
+            raise DataPrepError("no files match this glob", where=f"--input {spec}",
+                                fix="check the pattern and the directory it is relative to")
         return found
     if not os.path.exists(spec):
-        raise BadInputError(spec, None, "no such file or directory")
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "dataset_dict.json")):
-        # A DatasetDict: each split is its own save_to_disk directory.
-        with open(os.path.join(spec, "dataset_dict.json"), encoding="utf-8") as f:
-            splits = json.load(f).get("splits", [])
-        return [os.path.join(spec, s) for s in sorted(splits)]
+        raise BadInputError(spec, None, "no such file or directory",
+                            fix="check the path given to --input")
+    dict_file = os.path.join(spec, "dataset_dict.json")
+    if os.path.isdir(spec) and os.path.isfile(dict_file):
+        return [os.path.join(spec, s) for s in _dataset_dict_splits(dict_file)]
     return [spec]
+
+
+def _dataset_dict_splits(dict_file: str) -> list[str]:
+    """The split names of a DatasetDict (each split is its own save_to_disk directory)."""
+    try:
+        with open(dict_file, encoding="utf-8") as f:
+            splits = [os.fspath(s) for s in json.load(f)["splits"]]
+    except (OSError, ValueError, LookupError, TypeError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise BadInputError(dict_file, None, f"not a readable DatasetDict index: {one_line(e)}",
+                            fix="save the dataset again with DatasetDict.save_to_disk, or pass "
+                                "its split directories to --input") from e
+    return sorted(splits)
 
 
 def expand_inputs(inputs: list[str], fmt: str | None = None) -> list[Source]:
@@ -103,9 +135,10 @@ def expand_inputs(inputs: list[str], fmt: str | None = None) -> list[Source]:
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
-        raise DataPrepError("no inputs given (--input)")
+        raise DataPrepError("no inputs given", where="--input",
+                            fix="pass files, globs or datasets.save_to_disk directories")
     if fmt is not None and fmt not in FORMATS:
-        raise DataPrepError(f"--format {fmt!r}: must be one of {FORMATS}")
+        raise _unknown_format(fmt)
     seen: dict[str, str] = {}
     for spec in inputs:
         for path in _expand_one(os.fspath(spec)):
@@ -135,78 +168,105 @@ def source_fingerprint(source: Source) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _unknown_format(fmt: str) -> DataPrepError:
+    return DataPrepError(f"unknown input format {fmt!r}", where="--format",
+                        fix=f"use one of {', '.join(FORMATS)}")
+
+
 def _open_binary(path: str) -> IO[bytes]:
+    if os.path.isdir(path):
+        raise BadInputError(path, None, "a directory, not a file",
+                            fix=f"pass the files in it, e.g. --input '{os.path.join(path, '*')}'")
+    gz = path.endswith(".gz")
     try:
-        if path.endswith(".gz"):
-            f = gzip.open(path, "rb")
-            f.peek(1)  # fail now on a file that is not gzip
-            return f
-        return open(path, "rb")
-    except (OSError, EOFError, zlib.error) as e:
-        raise BadInputError(path, None, f"cannot read: {e}") from e
+        f: IO[bytes] = gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[assignment]
+    except OSError as e:
+        raise BadInputError(path, None, f"cannot open: {e.strerror or one_line(e)}",
+                            fix=f"check the path and its permissions, {_SKIP_FILE}") from e
+    if gz:
+        try:
+            f.peek(1)  # type: ignore[attr-defined]  # fail now on a file that is not gzip
+        except (OSError, EOFError, zlib.error) as e:
+            f.close()
+            raise BadInputError(path, None, f"not gzip data despite the .gz name: {one_line(e)}",
+                                fix=f"name it without .gz if it is not compressed, {_SKIP_FILE}") from e
+    return f
+
+
+def _read_error(path: str, line: int, e: BaseException) -> BadInputError:
+    """A file that stops being readable part way (truncated gzip, I/O error)."""
+    return BadInputError(path, line, f"read error, truncated or corrupt file: {one_line(e)}",
+                         fix=f"copy or download the file again, {_SKIP_REST}")
 
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """Numbered raw lines; a file starting with a UTF-16/32 byte-order mark is refused whole."""
     f = _open_binary(path)
     lineno = 0
     try:
         with f:
             for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark
+                    raise BadInputError(path, 1, "UTF-16 or UTF-32 text, not UTF-8", fix="convert it to UTF-8 "
+                                        "(e.g. iconv -f UTF-16 -t UTF-8) and pass the converted file")
                 yield lineno, raw
     except (OSError, EOFError, zlib.error) as e:
-        raise BadInputError(path, lineno + 1, f"read error (truncated or corrupt file?): {e}") from e
+        raise _read_error(path, lineno + 1, e) from e
 
 
-def _decode(raw: bytes) -> str | None:
+def _decode(lineno: int, raw: bytes) -> str | Doc:
+    """The line as text, or the bad Doc saying why it is not text (binary data, not UTF-8)."""
+    if b"\0" in raw:
+        return Doc(lineno, None, "binary", _BINARY, _TEXT_ONLY)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return None
+        return Doc(lineno, None, "undecodable", _NOT_UTF8, _REENCODE)
 
 
 def read_text(path: str, doc_separator: str = "line") -> Iterator[Doc]:
     """Plain text: one document per non-blank line, or paragraphs separated by blank lines."""
-    if doc_separator not in DOC_SEPARATORS:
-        raise DataPrepError(f"--doc-separator {doc_separator!r}: must be one of {DOC_SEPARATORS}")
+    check_doc_separator(doc_separator)
     if doc_separator == "line":
         for lineno, raw in _lines(path):
-            text = _decode(raw)
-            if text is None:
-                yield Doc(lineno, None, "undecodable", "bytes are not valid UTF-8")
+            text = _decode(lineno, raw)
+            if isinstance(text, Doc):
+                yield text
             elif text.strip():
                 yield Doc(lineno, text.rstrip("\r\n"))
         return
-    start, parts, bad = 0, [], 0
+    start, parts, bad = 0, [], None
     for lineno, raw in _lines(path):
-        text = _decode(raw)
-        if text is not None and not text.strip():
+        text = _decode(lineno, raw)
+        if isinstance(text, str) and not text.strip():
             if parts or bad:
                 yield _paragraph(start, parts, bad)
-            start, parts, bad = 0, [], 0
+            start, parts, bad = 0, [], None
             continue
         if not start:
             start = lineno
-        if text is None:
-            bad = bad or lineno
+        if isinstance(text, Doc):
+            bad = bad or text
         else:
             parts.append(text.rstrip("\r\n"))
     if parts or bad:
         yield _paragraph(start, parts, bad)
 
 
-def _paragraph(start: int, parts: list[str], bad: int) -> Doc:
-    if bad:
-        return Doc(bad, None, "undecodable", f"bytes are not valid UTF-8 (paragraph from line {start})")
+def _paragraph(start: int, parts: list[str], bad: Doc | None) -> Doc:
+    if bad is not None:
+        return Doc(bad.line, None, bad.error, f"{bad.detail} (paragraph from line {start})", bad.fix)
     return Doc(start, "\n".join(parts))
 
 
 def _text_value(lineno: int, value: object, field: str) -> Doc:
     if not isinstance(value, str):
-        return Doc(lineno, None, "not_a_string", f"field {field!r} is {type(value).__name__}, not a string")
+        return Doc(lineno, None, "not_a_string", f"field {field!r} is {type(value).__name__}, not a string",
+                   f"make {field!r} a string in the input")
     try:
         value.encode("utf-8")  # lone surrogates: undecodable input bytes (CSV) or bad \u escapes
     except UnicodeEncodeError:
-        return Doc(lineno, None, "undecodable", "bytes are not valid UTF-8")
+        return Doc(lineno, None, "undecodable", _NOT_UTF8, _REENCODE)
     if not value.strip():
         return Doc(lineno, None, "empty", "empty text")
     return Doc(lineno, value)
@@ -215,22 +275,24 @@ def _text_value(lineno: int, value: object, field: str) -> Doc:
 def read_jsonl(path: str, text_field: str = "text") -> Iterator[Doc]:
     """JSON Lines (optionally gzipped): one object per line, the document in ``text_field``."""
     for lineno, raw in _lines(path):
-        line = _decode(raw)
-        if line is None:
-            yield Doc(lineno, None, "undecodable", "bytes are not valid UTF-8")
+        line = _decode(lineno, raw)
+        if isinstance(line, Doc):
+            yield line
             continue
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            yield Doc(lineno, None, "invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
+            yield Doc(lineno, None, "invalid_json", f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}",
+                      "fix the line (one JSON object per line)")
             continue
         if not isinstance(obj, dict):
-            yield Doc(lineno, None, "not_an_object", f"a JSON {type(obj).__name__}, not an object")
+            yield Doc(lineno, None, "not_an_object", f"a JSON {type(obj).__name__}, not an object",
+                      'make each line an object such as {"text": "..."}')
         elif text_field not in obj:
-            yield Doc(lineno, None, "missing_field",
-                      f"no field {text_field!r} (fields: {sorted(obj)[:10]}; see --text-field)")
+            yield Doc(lineno, None, "missing_field", f"no field {text_field!r} (fields: {sorted(obj)[:10]})",
+                      "pass --text-field with the field holding the text")
         else:
             yield _text_value(lineno, obj[text_field], text_field)
 
@@ -240,6 +302,7 @@ def read_csv(path: str, text_column: str = "text") -> Iterator[Doc]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     f = _open_binary(path)
     stream = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+    start = 1
     try:
         with stream:
             reader = csv.reader(stream)
@@ -248,10 +311,10 @@ def read_csv(path: str, text_column: str = "text") -> Iterator[Doc]:
             except StopIteration:
                 return
             except csv.Error as e:
-                raise BadInputError(path, 1, f"invalid CSV header: {e}") from e
+                raise BadInputError(path, 1, f"invalid CSV header: {e}",
+                                    fix=f"fix the header row, {_SKIP_FILE}") from e
             if text_column not in header:
-                raise BadInputError(path, 1, f"no column {text_column!r} in the header "
-                                    f"(columns: {header[:20]}; see --text-column)")
+                raise _no_column(path, 1, text_column, header)
             col = header.index(text_column)
             start = reader.line_num + 1
             while True:
@@ -260,15 +323,19 @@ def read_csv(path: str, text_column: str = "text") -> Iterator[Doc]:
                 except StopIteration:
                     break
                 except csv.Error as e:
-                    raise BadInputError(path, start, f"invalid CSV: {e}") from e
+                    raise BadInputError(path, start, f"invalid CSV: {e}",
+                                        fix=f"fix the record (an unclosed quote?), {_SKIP_REST}") from e
                 if row:
                     if col >= len(row):
-                        yield Doc(start, None, "missing_field", f"row has no column {text_column!r}")
+                        yield Doc(start, None, "missing_field", f"row has no column {text_column!r}",
+                                  "fix the row (too few fields)")
+                    elif "\0" in row[col]:  # CSV has no escapes: a NUL here was a NUL byte
+                        yield Doc(start, None, "binary", _BINARY, _TEXT_ONLY)
                     else:
                         yield _text_value(start, row[col], text_column)
                 start = reader.line_num + 1
     except (OSError, EOFError, zlib.error) as e:
-        raise BadInputError(path, None, f"read error (truncated or corrupt file?): {e}") from e
+        raise _read_error(path, start, e) from e
 
 
 def read_parquet(path: str, text_column: str = "text") -> Iterator[Doc]:
@@ -278,16 +345,19 @@ def read_parquet(path: str, text_column: str = "text") -> Iterator[Doc]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a bad file
-        raise BadInputError(path, None, f"cannot read as Parquet: {e}") from e
+        raise BadInputError(path, None, f"cannot read as Parquet: {one_line(e)}",
+                            fix=f"check that it is a Parquet file (else pass --format), {_SKIP_FILE}") from e
     names = pf.schema_arrow.names
     if text_column not in names:
-        raise BadInputError(path, None, f"no column {text_column!r} (columns: {names[:20]}; "
-                            "see --text-column)")
+        raise _no_column(path, None, text_column, names)
     row = 0
-    for batch in pf.iter_batches(columns=[text_column], batch_size=4096):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            yield _text_value(row, value, text_column)
+    try:
+        for batch in pf.iter_batches(columns=[text_column], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield _text_value(row, value, text_column)
+    except Exception as e:  # a corrupt page or row group: pyarrow's own exception types
+        raise _read_error(path, row + 1, e) from e
 
 
 def read_hf_dataset(path: str, text_column: str = "text") -> Iterator[Doc]:
@@ -297,10 +367,11 @@ def read_hf_dataset(path: str, text_column: str = "text") -> Iterator[Doc]:
     try:
         ds = datasets.load_from_disk(path)
     except Exception as e:
-        raise BadInputError(path, None, f"cannot load with datasets.load_from_disk: {e}") from e
+        raise BadInputError(path, None, f"cannot load with datasets.load_from_disk: {one_line(e)}",
+                            fix="pass a directory written by save_to_disk (else set --format), "
+                                + _SKIP_FILE) from e
     if text_column not in ds.column_names:
-        raise BadInputError(path, None, f"no column {text_column!r} (columns: "
-                            f"{ds.column_names[:20]}; see --text-column)")
+        raise _no_column(path, None, text_column, ds.column_names)
     row = 0
     for batch in ds.select_columns([text_column]).iter(batch_size=4096):
         for value in batch[text_column]:
@@ -321,4 +392,9 @@ def read_documents(source: Source, *, text_field: str = "text", text_column: str
         return read_parquet(source.path, text_column)
     if source.fmt == "hf_dataset":
         return read_hf_dataset(source.path, text_column)
-    raise DataPrepError(f"unknown format {source.fmt!r}")
+    raise _unknown_format(source.fmt)
+
+
+def _no_column(path: str, line: int | None, column: str, columns: list[str]) -> BadInputError:
+    return BadInputError(path, line, f"no column {column!r} (columns: {list(columns)[:20]})",
+                         fix="pass --text-column with the column holding the text")

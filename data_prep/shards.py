@@ -12,11 +12,12 @@ import logging
 import os
 import re
 import tarfile
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import DataPrepError, UnsafeTarError
+from .errors import REBUILD, DataPrepError, UnsafeTarError, one_line, os_problem
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,13 @@ class ShardWriter:
         self.member_bytes = len(self.header) + seq_len * dtype.itemsize
         self.samples_per_shard = samples_per_shard
         if samples_per_shard < 1:
-            raise DataPrepError(f"--samples-per-shard {samples_per_shard}: must be at least 1")
-        if tar_size(1, self.member_bytes) > max_shard_bytes:
-            raise DataPrepError(f"--max-shard-bytes {max_shard_bytes} is smaller than a shard of "
-                                f"one sample ({tar_size(1, self.member_bytes)} bytes)")
+            raise DataPrepError("fewer than one sample per shard", where=f"--samples-per-shard {samples_per_shard}",
+                                fix="pass --samples-per-shard 1 or more")
+        one = tar_size(1, self.member_bytes)
+        if one > max_shard_bytes:
+            raise DataPrepError(f"smaller than a shard of one sample ({one} bytes)",
+                                where=f"--max-shard-bytes {max_shard_bytes}",
+                                fix=f"pass --max-shard-bytes {one} or more")
         self.max_shard_bytes = max_shard_bytes
         self.on_shard = on_shard
         self.records: list[dict] = []
@@ -104,9 +108,20 @@ class ShardWriter:
         return (self._n >= self.samples_per_shard
                 or tar_size(self._n + 1, self.member_bytes) > self.max_shard_bytes)
 
+    def _tmp(self) -> str:
+        return os.path.join(self.out_dir, self._name + ".tmp")
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """An OSError (a full disk, a lost mount) becomes an error naming the shard file."""
+        try:
+            yield
+        except OSError as e:
+            raise os_problem(e, "cannot write a shard", self._tmp()) from e
+
     def _open(self) -> None:
         self._name = shard_name(self.split, self._index, self.part_tag)
-        self._file = open(os.path.join(self.out_dir, self._name + ".tmp"), "wb")
+        self._file = open(self._tmp(), "wb")
         self._sha = hashlib.sha256()
         self._bytes = 0
         self._n = 0
@@ -118,6 +133,10 @@ class ShardWriter:
 
     def write(self, rows: np.ndarray) -> None:
         """Write rows of shape ``(n, seq_len)``; one sample per row."""
+        with self._writing():
+            self._write(rows)
+
+    def _write(self, rows: np.ndarray) -> None:
         rows = rows.astype(self.dtype, copy=False)
         for row in rows:
             if self._file is None:
@@ -137,40 +156,44 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        tmp = os.path.join(self.out_dir, self._name + ".tmp")
-        os.replace(tmp, os.path.join(self.out_dir, self._name))
         rec = {"name": self._name, "split": self.split, "samples": self._n,
                "tokens": self._n * self.seq_len, "bytes": self._bytes,
                "sha256": self._sha.hexdigest()}
         self.records.append(rec)
-        if self.on_shard:
+        if self.on_shard:  # before the rename: a Ctrl-C between the two leaves no untracked shard
             self.on_shard(rec)
+        os.replace(self._tmp(), os.path.join(self.out_dir, self._name))
         self._file = self._sha = None
         self._index += 1
 
     def close(self) -> list[dict]:
         """Finish the last (partial) shard; returns all shard records of this split."""
         if self._file is not None:
-            self._close_shard()
+            with self._writing():
+                self._close_shard()
         return self.records
 
     def abort(self) -> None:
-        """Drop a shard in progress (its ``.tmp`` file) after an error."""
+        """Drop a shard in progress (its ``.tmp`` file) after an error or Ctrl-C; also one whose
+        ``open`` was interrupted before ``_file`` was set (seen with Ctrl-C)."""
         if self._file is not None:
             self._file.close()
+        self._file = self._sha = None
+        if self._name:
             try:
-                os.remove(os.path.join(self.out_dir, self._name + ".tmp"))
+                os.remove(self._tmp())
             except FileNotFoundError:
                 pass
-        self._file = self._sha = None
 
 
-def check_member_name(name: str) -> None:
-    """Refuse a tar member name that is absolute or climbs out with ``..`` (or is otherwise odd)."""
+def check_member_name(name: str, path: str = "a tar file") -> None:
+    """Refuse a tar member name that is absolute or climbs out with ``..`` (or is otherwise odd);
+    ``path`` (the tar file) is for the message."""
     parts = name.replace("\\", "/").split("/")
     if (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts
             or "\0" in name):
-        raise UnsafeTarError(f"unsafe tar member name {name!r} (absolute or with '..')")
+        raise UnsafeTarError(f"unsafe tar member name {name!r} (absolute or with '..')", where=path,
+                             fix=REBUILD)
 
 
 def iter_tar_samples(path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -178,28 +201,29 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, np.ndarray]]:
     try:
         tf = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as e:
-        raise DataPrepError(f"{path}: not a readable tar file: {e}") from e
+        raise DataPrepError(f"not a readable tar file: {one_line(e)}", where=path, fix=REBUILD) from e
     with tf:
         while True:
             try:
                 m = tf.next()
-            except tarfile.TarError as e:
-                raise DataPrepError(f"{path}: corrupt tar: {e}") from e
+            except (tarfile.TarError, OSError) as e:
+                raise DataPrepError(f"corrupt tar: {one_line(e)}", where=path, fix=REBUILD) from e
             if m is None:
                 return
-            check_member_name(m.name)
+            check_member_name(m.name, path)
             if not m.isreg():
-                raise UnsafeTarError(f"{path}: member {m.name!r} is not a regular file "
-                                     "(links, devices and directories are refused)")
+                raise UnsafeTarError(f"member {m.name!r} is not a regular file (links, devices and "
+                                     "directories are refused)", where=path, fix=REBUILD)
             if not m.name.endswith(MEMBER_SUFFIX) or not _KEY_RE.match(m.name[: -len(MEMBER_SUFFIX)]):
-                raise DataPrepError(f"{path}: unexpected member {m.name!r} "
-                                    f"(expected <key>{MEMBER_SUFFIX})")
+                raise DataPrepError(f"unexpected member {m.name!r} (expected <key>{MEMBER_SUFFIX})",
+                                    where=path, fix=REBUILD)
             f = tf.extractfile(m)
             assert f is not None
             try:
                 arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                raise DataPrepError(f"{path}: member {m.name!r} is not a valid .npy array: {e}") from e
+            except (ValueError, OSError, EOFError, tarfile.TarError) as e:
+                raise DataPrepError(f"member {m.name!r} is not a valid .npy array: {one_line(e)}",
+                                    where=path, fix=REBUILD) from e
             yield m.name[: -len(MEMBER_SUFFIX)], arr
 
 

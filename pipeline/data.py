@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,77 +21,61 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from pipeline.errors import DataError
 from pipeline.manifest import Manifest
+from pipeline.masking import EVAL_MASK_SEED, MaskSpec, mask_tokens, sample_seed
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
-EVAL_MASK_SEED = 20240207  # fixed: eval masks identical across runs, seeds and policies
 
 
-class CorruptSampleError(RuntimeError):
-    """A sample or shard that cannot be decoded; the message names the shard."""
+STRICT_FIX = "restore the shard or rebuild the shards; with data.strict=false it is skipped and counted"
+
+
+class CorruptSampleError(DataError):
+    """A sample or shard that cannot be decoded; `where` is the shard."""
+
+    def __init__(self, what: str, where: str, fix: str = STRICT_FIX) -> None:
+        super().__init__(what, where, fix)
 
 
 class SampleMismatchError(CorruptSampleError):
     """A well-formed array that does not fit the manifest (length, dtype, ids >= vocab_size)."""
 
 
-@dataclass(frozen=True)
-class MaskSpec:
-    mask_prob: float
-    vocab_size: int
-    mask_id: int
-    special_ids: tuple[int, ...]
-    mask_share: float = 0.8  # of the chosen tokens: become [MASK]
-    random_share: float = 0.1  # ... become a random token; the rest are kept as they are
-
-
-def mask_spec(data_cfg, manifest: Manifest) -> MaskSpec:
-    """The masking of a run: `data.*` from its config (pipeline.config.DataConfig), ids from the manifest."""
-    return MaskSpec(data_cfg.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
-                    tuple(sorted(set(manifest.special_ids.values()))), data_cfg.mask_share, data_cfg.random_share)
-
-
-def sample_seed(seed: int, epoch: int, key: str) -> list[int]:
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return [seed, epoch, int.from_bytes(digest, "little")]
-
-
-def mask_tokens(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
-    """BERT's dynamic masking: pick mask_prob of the non-special tokens; of those 80% [MASK], 10% random,
-    10% kept (spec.mask_share / random_share)."""
-    ids = ids.astype(np.int64)
-    labels = np.full_like(ids, IGNORE_INDEX)
-    candidates = ~np.isin(ids, spec.special_ids)
-    chosen = candidates & (rng.random(ids.shape) < spec.mask_prob)
-    labels[chosen] = ids[chosen]
-    action = rng.random(ids.shape)
-    inputs = ids.copy()
-    mask_until = spec.mask_share
-    random_until = spec.mask_share + spec.random_share
-    inputs[chosen & (action < mask_until)] = spec.mask_id
-    randomize = chosen & (action >= mask_until) & (action < random_until)
-    inputs[randomize] = rng.integers(0, spec.vocab_size, size=int(randomize.sum()))
-    return inputs, labels
-
-
 def decode_sample(sample: dict, seq_len: int, vocab_size: int) -> tuple[str, np.ndarray]:
     """Shard sample -> (key, token ids). Never unpickles; rejects unsafe names and bad arrays."""
     key, url = sample.get("__key__", ""), sample.get("__url__", "?")
     if ".." in key or key.startswith("/") or "/" in key:
-        raise CorruptSampleError(f"{url}: unsafe member name {key!r} (contains '..' or a path)")
+        raise CorruptSampleError(f"unsafe member name {key!r} (contains '..' or a path)", url,
+                                 "use shards written by data_prep only")
     payload = sample.get("input_ids.npy")
     if payload is None:
-        raise CorruptSampleError(f"{url}: sample {key!r} has no input_ids.npy (members: {sorted(sample)})")
+        raise CorruptSampleError(f"sample {key!r} has no input_ids.npy (members: {sorted(sample)})", url)
     try:
         ids = np.load(io.BytesIO(payload), allow_pickle=False)
     except Exception as err:  # numpy raises ValueError/OSError/EOFError on bad bytes or pickles
-        raise CorruptSampleError(f"{url}: sample {key!r}: not a plain .npy array ({err})") from err
+        raise CorruptSampleError(f"sample {key!r} is not a plain .npy array ({err})", url) from err
     if ids.ndim != 1 or ids.shape[0] != seq_len or ids.dtype.kind not in "iu":
-        raise SampleMismatchError(f"{url}: sample {key!r}: expected {seq_len} integer ids, got {ids.dtype}{ids.shape}")
+        raise SampleMismatchError(f"sample {key!r}: expected {seq_len} integer ids, got {ids.dtype}{ids.shape}", url)
     if ids.size and int(ids.max()) >= vocab_size:
-        raise SampleMismatchError(f"{url}: sample {key!r}: token id {int(ids.max())} >= vocab size {vocab_size}")
+        raise SampleMismatchError(f"sample {key!r}: token id {int(ids.max())} >= vocab size {vocab_size}", url)
     return key, ids
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: each file hashed once per process
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file, cached per process for as long as its size and mtime stay the same."""
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _VERIFIED[key] = digest.hexdigest()
+    return _VERIFIED[key]
 
 
 class SkipCounter:
@@ -99,6 +85,7 @@ class SkipCounter:
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self.skipped = 0  # samples lost: undecodable, or missing from a short shard
+        self.skipped_shards = 0  # whole shards left out: their bytes are not the ones the manifest records
         self._seen: set[tuple[str, str]] = set()
 
     def __call__(self, exn: Exception) -> bool:
@@ -107,19 +94,40 @@ class SkipCounter:
         if self.strict:
             if isinstance(exn, CorruptSampleError):  # raised here before, on its way up through webdataset
                 raise exn
-            raise CorruptSampleError(f"corrupt shard data: {where} (data.strict=true)") from exn
+            found = re.search(r"[^\s'\"<>]+\.tar\b", " ".join(map(str, exn.args)))  # webdataset names it somewhere
+            shard = found.group(0) if found else "a shard"
+            raise CorruptSampleError(f"corrupt shard data, with data.strict=true ({exn.args[0]})", shard) from exn
         log.warning("corrupt shard data, skipped: %s", where)
         return True
 
+    def verified(self, url: str, expected_sha256: str | None) -> bool:
+        """data.verify: the shard's sha256 is the manifest's. A mismatch (a flipped byte that may even
+        still decode) is refused with data.strict=true, else the shard is skipped, counted and named."""
+        if not expected_sha256 or "://" in url or url.startswith("pipe:"):
+            return True  # remote streams are not hashed (it would read them twice)
+        actual = file_sha256(url)
+        if actual == expected_sha256:
+            return True
+        if self.strict:
+            raise CorruptSampleError(f"sha256 {actual[:12]}... is not the manifest's {expected_sha256[:12]}... "
+                                     "(changed since data_prep wrote it), with data.strict=true", url)
+        if (url, "<sha256>") not in self._seen:
+            self._seen.add((url, "<sha256>"))
+            self.skipped_shards += 1
+            log.warning("skipping shard %s: its sha256 is not the manifest's (changed since data_prep wrote it; "
+                        "counted in data/skipped_shards)", url)
+        return False
+
     def bad_sample(self, err: CorruptSampleError, url: str, key: str) -> None:
         if self.strict:
-            raise type(err)(f"{err} (data.strict=true)") from err
+            raise type(err)(f"{err.what}, with data.strict=true", err.where, err.fix) from err
         self._count((url, key), 1, str(err))
 
     def short_shard(self, url: str, got: int, expected: int) -> None:
         message = f"{url}: {got} readable samples, the manifest says {expected} (truncated or damaged shard)"
         if self.strict:
-            raise CorruptSampleError(f"{message} (data.strict=true)")
+            raise CorruptSampleError(f"{got} readable samples, the manifest says {expected} (truncated or damaged "
+                                     "shard), with data.strict=true", url)
         if got < expected:
             self._count((url, "<short>"), expected - got, message)
         else:
@@ -159,10 +167,13 @@ def _count_per_shard(urls: list[str], expected: dict[str, int], handler: SkipCou
 
 
 def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCounter,
-                 shuffle_buffer: int = 0, shuffle_seed: int = 0, expected: dict[str, int] | None = None
-                 ) -> Iterator[tuple[str, np.ndarray]]:
+                 shuffle_buffer: int = 0, shuffle_seed: int = 0, expected: dict[str, int] | None = None,
+                 checksums: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(key, ids) from the given shards in order, optionally through a seeded shuffle buffer.
-    `expected` (url -> samples, from the manifest) makes a short shard count as skipped samples."""
+    `expected` (url -> samples, from the manifest) makes a short shard count as skipped samples;
+    `checksums` (url -> sha256, data.verify) leaves out a shard whose bytes changed (SkipCounter.verified)."""
+    if checksums is not None:
+        urls = [url for url in urls if handler.verified(url, checksums.get(url))]
     dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
                              empty_check=False, handler=handler, select_files=_is_payload)
     if expected is not None:
@@ -178,7 +189,7 @@ def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCo
 
 def _is_payload(name: str) -> bool:
     if name.startswith("/") or ".." in name.split("/"):
-        raise CorruptSampleError(f"unsafe tar member name {name!r}")
+        raise CorruptSampleError(f"unsafe tar member name {name!r}", "a shard", "use shards written by data_prep only")
     return name.endswith(".input_ids.npy")
 
 
@@ -203,13 +214,14 @@ class CandidateBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, seed: int,
-                 rank: int, world: int, start: int, shuffle_buffer: int, strict: bool) -> None:
+                 rank: int, world: int, start: int, shuffle_buffer: int, strict: bool, verify: bool = True) -> None:
         super().__init__()
         self.manifest, self.spec, self.batch, self.epoch, self.seed = manifest, spec, batch, epoch, seed
         self.rank, self.start, self.shuffle_buffer = rank, start, shuffle_buffer
         shards = rank_shards(manifest, epoch, seed, rank, world)[rank]
         self.urls = [manifest.url(s) for s in shards]
         self.expected = {manifest.url(s): int(s["samples"]) for s in shards}
+        self.checksums = {manifest.url(s): s.get("sha256", "") for s in shards} if verify else None
         self.steps = micro_steps_per_epoch(manifest, epoch, seed, world, batch)
         self.handler = SkipCounter(strict)
         self.padded = 0  # samples repeated to make up for a short stream
@@ -237,13 +249,14 @@ class CandidateBatches(torch.utils.data.IterableDataset):
             before = produced
             for item in shard_stream(self.urls, self.manifest.seq_len, self.spec.vocab_size, self.handler,
                                      self.shuffle_buffer, shuffle_seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank,
-                                     expected=self.expected):
+                                     expected=self.expected, checksums=self.checksums):
                 yield item
                 produced += 1
                 if produced >= needed:
                     return
             if produced == before:
-                raise CorruptSampleError(f"rank {self.rank}: no readable sample in {self.urls}")
+                raise CorruptSampleError(f"rank {self.rank} found no readable sample in its shards",
+                                         ", ".join(self.urls)[:300], "restore or rebuild the shards")
             self.padded += needed - produced
             log.warning("rank %d epoch %d: stream short by %d samples (corrupt data?); repeating it",
                         self.rank, self.epoch, needed - produced)
@@ -256,12 +269,13 @@ class CandidateBatches(torch.utils.data.IterableDataset):
                 "labels": torch.from_numpy(np.stack(labels)),  # (B, T), -100 where not masked
                 # counts so far in this epoch's stream; carried by the batch since a loader worker's
                 # own counters never reach the training process
-                "faults": (self.handler.skipped, self.padded)}
+                "faults": (self.handler.skipped, self.padded, self.handler.skipped_shards)}
 
 
 @dataclass
 class DataFaults:
-    """This rank's corrupt samples skipped and samples repeated (padding a short stream), over the run.
+    """This rank's corrupt samples skipped and samples repeated (padding a short stream), over the run,
+    and the most shards it left out in one epoch (their checksum changed: data.verify).
 
     Batches carry the counts since their epoch began; a resumed epoch re-reads its start and counts
     those again, so only the growth over the last batch seen is added."""
@@ -269,13 +283,15 @@ class DataFaults:
     repeated: int = 0
     epoch_skipped: int = 0
     epoch_repeated: int = 0
+    skipped_shards: int = 0
 
     def update(self, batch: dict) -> dict:
         """Take the counts off a batch (returned without them)."""
-        skipped, repeated = batch.pop("faults")
+        skipped, repeated, shards = batch.pop("faults")
         self.skipped += max(0, skipped - self.epoch_skipped)
         self.repeated += max(0, repeated - self.epoch_repeated)
         self.epoch_skipped, self.epoch_repeated = max(skipped, self.epoch_skipped), max(repeated, self.epoch_repeated)
+        self.skipped_shards = max(self.skipped_shards, shards)
         return batch
 
     def end_epoch(self) -> None:
@@ -283,10 +299,10 @@ class DataFaults:
 
 
 def train_loader(manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, seed: int, rank: int,
-                 world: int, start: int, shuffle_buffer: int, strict: bool, num_workers: int
+                 world: int, start: int, shuffle_buffer: int, strict: bool, num_workers: int, verify: bool = True
                  ) -> tuple[torch.utils.data.DataLoader, CandidateBatches]:
     dataset = CandidateBatches(manifest, spec, batch=batch, epoch=epoch, seed=seed, rank=rank, world=world,
-                               start=start, shuffle_buffer=shuffle_buffer, strict=strict)
+                               start=start, shuffle_buffer=shuffle_buffer, strict=strict, verify=verify)
     # Its own generator: creating a DataLoader iterator draws a base seed, and drawing it from the
     # global RNG would shift the dropout masks of a resumed run.
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
@@ -295,20 +311,24 @@ def train_loader(manifest: Manifest, spec: MaskSpec, *, batch: int, epoch: int, 
 
 
 def eval_batches(manifest: Manifest, spec: MaskSpec, *, samples: int, batch: int, rank: int, world: int,
-                 strict: bool = True) -> list[dict]:
+                 strict: bool = True, verify: bool = True) -> list[dict]:
     """This rank's share of the first `samples` validation samples, masked with a fixed seed.
 
-    Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward)."""
+    Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward). Strict by
+    default: an eval set with a damaged or changed shard would make every curve wrong."""
     urls = [manifest.url(s) for s in manifest.shards("val")]
     if not urls:
-        raise CorruptSampleError(f"{manifest.path}: no validation shards")
+        raise DataError("the manifest lists no validation shards", manifest.path,
+                        "rebuild with python -m data_prep build --val-fraction 0.05")
     per_rank = min(samples, manifest.split_samples("val")) // world
     if per_rank == 0:
-        raise CorruptSampleError(f"{manifest.path}: {manifest.split_samples('val')} validation samples "
-                                 f"cannot give each of {world} ranks one")
+        raise DataError(f"{manifest.split_samples('val')} validation samples cannot give each of {world} ranks one",
+                        manifest.path, "use fewer ranks or rebuild with a larger --val-fraction")
     mine: list[tuple[str, np.ndarray]] = []
     expected = {manifest.url(s): int(s["samples"]) for s in manifest.shards("val")}
-    stream = shard_stream(urls, manifest.seq_len, spec.vocab_size, SkipCounter(strict), expected=expected)
+    checksums = {manifest.url(s): s.get("sha256", "") for s in manifest.shards("val")} if verify else None
+    stream = shard_stream(urls, manifest.seq_len, spec.vocab_size, SkipCounter(strict), expected=expected,
+                          checksums=checksums)
     for index, item in enumerate(stream):
         if index >= per_rank * world:
             break

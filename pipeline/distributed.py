@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -23,10 +25,41 @@ class DistInfo:
         return self.rank == 0
 
 
-def prepare_environment() -> None:
-    """Call before importing deepspeed: pick the CPU accelerator when there is no GPU."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+GPU_REQUEST_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+class DeviceError(InputError):
+    """GPUs were asked for and none is usable (exit 2, like any other bad input)."""
+
+
+def choose_device(requested: str = "auto", env: dict[str, str] | None = None) -> str:
+    """"cpu" or "cuda" for train.device (auto | cpu | cuda), failing fast instead of falling back.
+
+    A job that asks for GPUs (train.device=cuda, DS_ACCELERATOR=cuda, or GPUs handed to it by the
+    deepspeed launcher or Slurm) on a CPU-only torch or a broken driver would otherwise train on
+    the CPU with gloo, slowly and without a word. DS_ACCELERATOR=cpu says CPU explicitly (the
+    deepspeed launcher on CPU sets CUDA_VISIBLE_DEVICES too)."""
+    env = os.environ if env is None else env
+    if requested == "cpu" or (requested == "auto" and env.get("DS_ACCELERATOR") == "cpu"):
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    asked = [f"train.device={requested}"] if requested == "cuda" else []
+    asked += [f"DS_ACCELERATOR={env['DS_ACCELERATOR']}"] if env.get("DS_ACCELERATOR") == "cuda" else []
+    asked += [f"{name}={env[name]}" for name in GPU_REQUEST_VARS if env.get(name, "") not in ("", "-1", "NoDevFiles")]
+    if asked:
+        why = "built without CUDA" if torch.version.cuda is None else "no usable CUDA device or driver"
+        raise DeviceError(f"GPUs were asked for ({', '.join(asked)}) but none is usable (torch {torch.__version__}: "
+                          f"{why})", "train.device", "install torch's CUDA build (README, 'CUDA machines') or "
+                          "run on the CPU with --set train.device=cpu")
+    return "cpu"
+
+
+def prepare_environment(device: str = "auto") -> str:
+    """Call before importing deepspeed: choose the device and DeepSpeed's accelerator to match."""
+    chosen = choose_device(device)
+    os.environ["DS_ACCELERATOR"] = chosen
+    return chosen
 
 
 def _free_port() -> int:
@@ -35,9 +68,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
-    """Initialise (once per process) and describe this rank. A lone process becomes rank 0 of 1."""
-    prepare_environment()
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise (once per process) and describe this rank. A lone process becomes rank 0 of 1.
+    `device` is train.device; DeviceError when GPUs were asked for and none is usable."""
+    prepare_environment(device)
     import deepspeed
     import torch.distributed as dist
 
@@ -57,25 +91,15 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def all_reduce_max(value: float, info: DistInfo) -> float:
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """Each value's maximum over the ranks (one small collective): every rank then decides alike."""
     if info.world_size == 1:
-        return value
+        return list(values)
     import torch.distributed as dist
 
-    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
-def all_reduce_flags(flags: list[bool], info: DistInfo) -> list[bool]:
-    """Each flag true on any rank -> true on every rank (one small collective)."""
-    if info.world_size == 1:
-        return list(flags)
-    import torch.distributed as dist
-
-    tensor = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=info.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in tensor.tolist()]
+    return tensor.tolist()
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

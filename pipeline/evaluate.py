@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from pipeline.data import IGNORE_INDEX
+from pipeline.masking import IGNORE_INDEX
 from pipeline.distributed import DistInfo, all_reduce_sum
 
 

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import DataError
 
-class DataError(ValueError):
-    """The shard directory is missing, incomplete or does not match the model."""
+REBUILD = "rebuild the shards with python -m data_prep build (docs/DATA_PREP.md)"
 
 
 class Manifest:
@@ -21,28 +21,28 @@ class Manifest:
         self.data = data
         for key in ("seq_len", "vocab_size", "shards", "tokenizer"):
             if key not in data:
-                raise DataError(f"{self.path}: missing key {key!r}")
+                raise DataError(f"manifest lacks the key {key!r}", self.path, REBUILD)
         self.seq_len: int = self._positive_int(data, "seq_len")
         self.vocab_size: int = self._positive_int(data, "vocab_size")
         special = data["tokenizer"].get("special_ids", {}) if isinstance(data["tokenizer"], dict) else {}
         missing = {"cls", "sep", "pad", "mask"} - set(special)
         if missing:
-            raise DataError(f"{self.path}: tokenizer.special_ids lacks {sorted(missing)}")
+            raise DataError(f"tokenizer.special_ids lacks {sorted(missing)}", self.path, REBUILD)
         self.special_ids: dict[str, int] = {k: int(v) for k, v in special.items()}
         if not isinstance(data["shards"], list):
-            raise DataError(f"{self.path}: 'shards' must be a list")
+            raise DataError("'shards' is not a list", self.path, REBUILD)
         for index, shard in enumerate(data["shards"]):
             ok = (isinstance(shard, dict) and isinstance(shard.get("name"), str)
                   and shard.get("split") in ("train", "val") and isinstance(shard.get("samples"), int)
                   and shard["samples"] >= 0)
             if not ok:
-                raise DataError(f"{self.path}: shards[{index}] needs a name, split 'train' or 'val' and an integer "
-                                f"samples count, got {shard!r}")
+                raise DataError(f"shards[{index}] lacks a name, a split 'train' or 'val' or an integer samples count: "
+                                f"{shard!r}", self.path, REBUILD)
 
     def _positive_int(self, data: dict[str, Any], key: str) -> int:
         value = data[key]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise DataError(f"{self.path}: {key} must be a positive integer, got {value!r}")
+            raise DataError(f"{key} is not a positive integer: {value!r}", self.path, REBUILD)
         return value
 
     @classmethod
@@ -54,13 +54,15 @@ class Manifest:
                 return cls(location, json.loads(response.read()))
         path = Path(location) / "manifest.json"
         if not Path(location).is_dir():
-            raise DataError(f"data.dir {location}: no such directory (run `python -m data_prep build` first)")
+            raise DataError(f"no such directory: {location}", "data.dir",
+                            "build the shards with python -m data_prep build, or point data.dir at them")
         if not path.is_file():
-            raise DataError(f"{path}: not found; is {location} a data_prep output directory?")
+            raise DataError(f"{location} has no manifest.json: not a data_prep output directory", "data.dir",
+                            "point data.dir at the --out directory of python -m data_prep build")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON: {err}") from err
+            raise DataError(f"manifest is not valid JSON ({err})", str(path), REBUILD) from None
         manifest = cls(location, data)
         manifest.check_local_shards()
         return manifest
@@ -74,7 +76,7 @@ class Manifest:
     def url(self, shard: dict[str, Any]) -> str:
         name = shard["name"]
         if "/" in name or ".." in name:
-            raise DataError(f"{self.path}: unsafe shard name {name!r}")
+            raise DataError(f"unsafe shard name {name!r} (a path)", self.path, "use shards built by data_prep only")
         return f"{self.location}/{name}"
 
     def tokenizer_dir(self) -> str:
@@ -82,8 +84,9 @@ class Manifest:
 
     def check_local_shards(self) -> None:
         if not self.shards("train"):
-            raise DataError(f"{self.path}: lists no train shards")
+            raise DataError("the manifest lists no train shards", self.path, REBUILD)
         missing = [s["name"] for s in self.data["shards"] if not os.path.isfile(self.url(s))]
         if missing:
-            raise DataError(f"{self.location}: shards listed in manifest.json are missing: {', '.join(missing[:5])}"
-                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DataError(f"shards listed in the manifest are missing: {', '.join(missing[:5])}{more}", self.path,
+                            "copy the whole shard directory, or " + REBUILD)

@@ -12,38 +12,33 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline import checkpoint
+from pipeline import checkpoint, run_identity
 from pipeline.config import Config, ConfigError, candidates_per_micro_step, to_dict
 from pipeline.data import CorruptSampleError, SampleMismatchError, SkipCounter, micro_steps_per_epoch, shard_stream
 from pipeline.manifest import DataError, Manifest
-from pipeline.model import PRESETS
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"cls": "cls_token_id", "sep": "sep_token_id", "pad": "pad_token_id", "mask": "mask_token_id",
                   "unk": "unk_token_id"}
 
 
-def check_run(cfg: Config, world_size: int, manifest: Manifest) -> None:
-    """All the checks below, cheapest first."""
+def check_run(cfg: Config, world_size: int, manifest: Manifest) -> list[str]:
+    """All the checks below, cheapest first. Returns the safe config changes a resume brings."""
     check_model_fits(cfg, manifest)
     check_rank_shares(cfg, manifest, world_size)
-    check_resume(cfg, world_size)
+    changes = check_resume(cfg, world_size, manifest)
     check_shard_sizes(manifest, strict=cfg.data.strict)
     check_tokenizer(manifest)
     check_first_sample(manifest, strict=cfg.data.strict)
+    return changes
 
 
 def check_model_fits(cfg: Config, manifest: Manifest) -> None:
+    """What the model's shape must agree with in the data (the shape itself is checked in pipeline.config)."""
     m = cfg.model
-    layers, hidden, heads, _ = PRESETS[m.preset]
-    layers, hidden, heads = m.num_layers or layers, m.hidden_size or hidden, m.num_heads or heads
-    if hidden % heads:
-        raise ConfigError(f"model.hidden_size: {hidden} is not divisible by model.num_heads {heads}")
     if m.max_position and manifest.seq_len > m.max_position:
-        raise ConfigError(f"model.max_position: {m.max_position} is smaller than the data's seq_len "
-                          f"{manifest.seq_len} ({manifest.path})")
-    if cfg.select.exit_layer > layers:
-        raise ConfigError(f"select.exit_layer: {cfg.select.exit_layer} is larger than the model's {layers} layers")
+        raise ConfigError(f"{m.max_position} is smaller than the data's seq_len {manifest.seq_len} ({manifest.path})",
+                          "model.max_position", f"set it to {manifest.seq_len} or more, or 0 for the data's seq_len")
     if cfg.data.eval_samples > manifest.split_samples("val"):
         log.warning("data.eval_samples %d > %d validation samples: evaluating on all of them",
                     cfg.data.eval_samples, manifest.split_samples("val"))
@@ -54,37 +49,50 @@ def check_rank_shares(cfg: Config, manifest: Manifest, world_size: int) -> None:
     every rank evaluates on at least one validation sample."""
     train = manifest.shards("train")
     if len(train) < world_size:
-        raise DataError(f"{manifest.path}: {len(train)} train shard(s) cannot be dealt to {world_size} ranks (each "
-                        "rank reads whole shards): use fewer ranks or re-shard with smaller --samples-per-shard")
+        raise DataError(f"{len(train)} train shard(s) cannot be dealt to {world_size} ranks (each rank reads whole "
+                        "shards)", manifest.path, "use fewer ranks or re-shard with a smaller --samples-per-shard")
     batch = candidates_per_micro_step(cfg)
     if micro_steps_per_epoch(manifest, 0, cfg.train.seed, world_size, batch) == 0:
-        raise DataError(f"{manifest.path}: too few train samples per rank for one micro-batch of {batch} candidates "
-                        f"(train.micro_batch x select.oversample) on {world_size} ranks")
+        raise DataError(f"too few train samples per rank for one micro-batch of {batch} candidates "
+                        f"(train.micro_batch x select.oversample) on {world_size} ranks", manifest.path,
+                        "use a smaller train.micro_batch or select.oversample, fewer ranks, or more data")
     if not manifest.shards("val"):
-        raise DataError(f"{manifest.path}: lists no validation shards (build with --val-fraction > 0)")
+        raise DataError("the manifest lists no validation shards", manifest.path,
+                        "rebuild with python -m data_prep build --val-fraction 0.05")
     if min(cfg.data.eval_samples, manifest.split_samples("val")) < world_size:
-        raise DataError(f"{manifest.path}: {manifest.split_samples('val')} validation samples "
-                        f"(data.eval_samples {cfg.data.eval_samples}) cannot give each of {world_size} ranks one")
+        raise DataError(f"{manifest.split_samples('val')} validation samples (data.eval_samples "
+                        f"{cfg.data.eval_samples}) cannot give each of {world_size} ranks one", manifest.path,
+                        "raise data.eval_samples, use fewer ranks, or rebuild with a larger --val-fraction")
 
 
-def check_resume(cfg: Config, world_size: int) -> None:
-    """The checkpoint a restart would resume: same number of ranks, same model, plain weights only."""
+def check_resume(cfg: Config, world_size: int, manifest: Manifest) -> list[str]:
+    """The checkpoint a restart would resume: the same number of ranks, the same run (config and data,
+    pipeline/run_identity.py), plain weights only. Returns the safe changes ("key: old -> new")."""
     ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
-    tags = checkpoint.complete_tags(ckpt_dir) if cfg.train.resume else []
-    if not tags:
-        return
-    tag_dir = ckpt_dir / tags[-1]
+    tag = checkpoint.resumable_tag(ckpt_dir)[0] if cfg.train.resume else None
+    if tag is None:
+        return []  # nothing to resume (damaged checkpoints: pipeline/checkpoint.py says so at load)
+    tag_dir = ckpt_dir / tag
     saved_world = json.loads((tag_dir / checkpoint.MARKER).read_text()).get("world_size")
     if saved_world != world_size:
-        raise ConfigError(f"train.out_dir: {tag_dir} was saved with {saved_world} ranks, resuming with {world_size}: "
-                          "exact resumption needs the same number of ranks (or a new train.out_dir)")
-    saved_config = Path(cfg.train.out_dir) / "config.json"
-    if saved_config.is_file():
-        saved_model = json.loads(saved_config.read_text()).get("model")
-        if saved_model is not None and saved_model != to_dict(cfg)["model"]:
-            raise ConfigError(f"train.out_dir: {cfg.train.out_dir} holds checkpoints of another model ({saved_model}); "
-                              "use a new train.out_dir, or train.resume=false to start over there")
-    checkpoint.vet_files(tag_dir)
+        raise ConfigError(f"{tag_dir} was saved with {saved_world} ranks, this run has {world_size}", "train.out_dir",
+                          f"resume with {saved_world} ranks (exact resumption needs them), or use a new train.out_dir")
+    saved_file = tag_dir / run_identity.RUN_FILE
+    if not saved_file.is_file():  # a checkpoint written before run.json existed: the model must match
+        saved_file = Path(cfg.train.out_dir) / "config.json"
+        saved = {"config": {"model": json.loads(saved_file.read_text()).get("model")}} if saved_file.is_file() else None
+        new = {"config": {"model": to_dict(cfg)["model"]}, "data": {}}
+        saved = {**saved, "data": {}} if saved else None
+    else:
+        saved, new = json.loads(saved_file.read_text()), run_identity.run_record(cfg, manifest)
+    changes: list[str] = []
+    if saved is not None:
+        unsafe, changes = run_identity.differences(saved, new)
+        if unsafe:
+            raise ConfigError(f"this run differs from the checkpoint it would resume in {len(unsafe)} key(s): "
+                              + "; ".join(unsafe), str(saved_file),
+                              "resume with the checkpoint's values, or start a new run in a new train.out_dir")
+    return changes
 
 
 def check_shard_sizes(manifest: Manifest, strict: bool) -> None:
@@ -95,10 +103,11 @@ def check_shard_sizes(manifest: Manifest, strict: bool) -> None:
         path, size = manifest.url(shard), shard.get("bytes")
         if size is None or os.path.getsize(path) == int(size):
             continue
-        message = f"{path}: {os.path.getsize(path)} bytes, the manifest says {size} (truncated or replaced)"
+        message = f"{os.path.getsize(path)} bytes, the manifest says {size} (truncated or replaced)"
         if strict:
-            raise DataError(f"{message}; data.strict=true")
-        log.warning("%s: its unreadable samples will be skipped and counted (data/skipped_corrupt)", message)
+            raise DataError(f"a shard is damaged: {message}", path,
+                            "restore it or rebuild the shards; data.strict=false skips and counts it instead")
+        log.warning("%s: %s: its unreadable samples will be skipped and counted (data/skipped_corrupt)", path, message)
 
 
 def check_tokenizer(manifest: Manifest) -> None:
@@ -107,20 +116,22 @@ def check_tokenizer(manifest: Manifest) -> None:
 
     tok_dir = manifest.tokenizer_dir()
     if "://" not in tok_dir and not os.path.isdir(tok_dir):
-        raise DataError(f"{tok_dir}: tokenizer directory not found ({manifest.path} names it)")
+        raise DataError(f"the tokenizer directory {manifest.path} names is missing", tok_dir,
+                        "copy the whole shard directory, tokenizer/ included")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if len(tokenizer) != manifest.vocab_size:
-        raise DataError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens but {manifest.path} says vocab_size "
-                        f"{manifest.vocab_size}: shards and tokenizer do not match")
+        raise DataError(f"the tokenizer has {len(tokenizer)} tokens but {manifest.path} says vocab_size "
+                        f"{manifest.vocab_size}: shards and tokenizer do not match", tok_dir,
+                        "use the tokenizer/ the shards were built with")
     expected = manifest.data["tokenizer"].get("vocab_sha256")
     if expected and vocab_sha256(tokenizer) != expected:
-        raise DataError(f"{tok_dir}: its vocab differs from the one the shards were built with "
-                        f"(vocab_sha256 in {manifest.path}): shards and tokenizer do not match")
+        raise DataError(f"its vocab differs from the one the shards were built with (vocab_sha256 in "
+                        f"{manifest.path})", tok_dir, "use the tokenizer/ the shards were built with")
     for name, attribute in SPECIAL_TOKENS.items():
         have = getattr(tokenizer, attribute, None)
         if name in manifest.special_ids and have is not None and have != manifest.special_ids[name]:
-            raise DataError(f"{tok_dir}: [{name.upper()}] is id {have} but {manifest.path} says "
-                            f"{manifest.special_ids[name]}: shards and tokenizer do not match")
+            raise DataError(f"[{name.upper()}] is id {have} but {manifest.path} says {manifest.special_ids[name]}",
+                            tok_dir, "use the tokenizer/ the shards were built with")
 
 
 def vocab_sha256(tokenizer) -> str:
@@ -136,9 +147,10 @@ def check_first_sample(manifest: Manifest, strict: bool) -> None:
     try:
         next(iter(shard_stream([url], manifest.seq_len, manifest.vocab_size, SkipCounter(strict=True))), None)
     except SampleMismatchError as err:
-        raise DataError(f"the shards do not match {manifest.path} (seq_len {manifest.seq_len}, vocab_size "
-                        f"{manifest.vocab_size}): {err}") from err
+        raise DataError(f"the shards do not match their manifest (seq_len {manifest.seq_len}, vocab_size "
+                        f"{manifest.vocab_size}): {err}", manifest.path, "rebuild the shards with data_prep") from None
     except CorruptSampleError as err:
         if strict:
-            raise DataError(f"{err}") from err
+            raise DataError(f"the first train shard is damaged: {err}", url,
+                            "restore or rebuild it; data.strict=false skips and counts it instead") from None
         log.warning("first train shard: %s (its broken samples will be skipped and counted)", err)

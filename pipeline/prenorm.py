@@ -8,7 +8,7 @@ one final LayerNorm before the MLM head. On a CPU budget post-LN BERT sits for a
 Each encoder layer is replaced in place by a `PreLNLayer` that reuses the original submodules (so
 parameter names stay `attention.self.query`, `attention.output.LayerNorm`, ...), and the final
 LayerNorm goes in front of the head's transform (`cls.predictions.transform`). Exit-layer scoring
-(`pipeline/scoring.py`: embeddings -> encoder.layer[:k] -> cls) therefore stays correct: every exit
+(`pipeline/sift/scoring.py`: embeddings -> encoder.layer[:k] -> cls) therefore stays correct: every exit
 gets the final LayerNorm through `cls`.
 
 The result is NOT a standard HF BERT checkpoint (same names, different wiring): pipeline/config.py

@@ -28,12 +28,12 @@ def write_corpus(path: Path, documents: int = 600, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """~40 train shards of 16 samples (enough for 2 ranks), seq_len 32, a 120-token WordPiece vocab."""
-    from data_prep.build import build_shards
+    from data_prep.build import BuildOptions, build_shards
 
     root = tmp_path_factory.mktemp("tiny_data")
     corpus = write_corpus(root / "corpus.txt")
     out = root / "shards"
-    build_shards([str(corpus)], str(out), seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16)
+    build_shards([str(corpus)], str(out), BuildOptions(seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16))
     return out
 
 

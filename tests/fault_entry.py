@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import checkpoint, train
+from pipeline import checkpoint, step, train
 
 
 def _pause() -> None:
@@ -26,14 +26,14 @@ def _pause() -> None:
 def install() -> None:
     pause_step = os.environ.get("FAULT_PAUSE_AT_STEP")
     if pause_step is not None:
-        check_finite = train.check_finite
+        check_finite = step.check_finite
 
         def check_then_pause(loss, info, progress, max_in_a_row):
             if progress.step == int(pause_step):
                 _pause()
             return check_finite(loss, info, progress, max_in_a_row)
 
-        train.check_finite = check_then_pause
+        step.check_finite = check_then_pause
 
     save_step = os.environ.get("FAULT_PAUSE_IN_SAVE_AT_STEP")
     if save_step is not None:

@@ -17,12 +17,12 @@ from tests.conftest import REPO, clean_env, write_corpus
 
 def build_small_data(root: Path, documents: int = 120) -> Path:
     """~8 train shards of 16 samples (seq_len 32) and one val shard: an epoch is a few steps."""
-    from data_prep.build import build_shards
+    from data_prep.build import BuildOptions, build_shards
 
     root.mkdir(parents=True, exist_ok=True)
     corpus = write_corpus(root / "corpus.txt", documents=documents, seed=3)
     out = root / "shards"
-    build_shards([str(corpus)], str(out), seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16)
+    build_shards([str(corpus)], str(out), BuildOptions(seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16))
     return out
 
 
@@ -99,3 +99,49 @@ def run_ok(cmd: list[str], log: Path | None = None, **env: str) -> str:
         log.write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr
+
+
+def signal_when(cmd: list[str], ready, sig: int, log: Path, timeout: float = 180, **env: str) -> int:
+    """Start `cmd`, send `sig` as soon as ready() holds, return its exit code (stderr to `log`)."""
+    import signal as signals
+    import time
+
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, f"the run ended before the signal point:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, "signal point not reached"
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        code = proc.wait(timeout=timeout)
+    assert sig != signals.SIGKILL or code == -signals.SIGKILL
+    return code
+
+
+def newest_checkpoint_step(out: Path) -> int:
+    from pipeline.checkpoint import complete_tags
+
+    tags = complete_tags(out / "checkpoints")
+    return int(tags[-1][4:]) if tags else 0
+
+
+def assert_resumed_exactly(straight: Path, resumed: Path, resume_step: int, steps: int) -> None:
+    """The resumed run equals the unbroken one: torch.equal final weights (the fp32 export), the same
+    loss at every step, bit for bit; and the steps up to the checkpoint it resumed were trained once
+    (a restart from scratch would repeat them and still end with the same weights). Needs
+    train.record_keys=true: rank 0's keys file keeps every micro-step, whatever the tracker does."""
+    import torch
+    from safetensors.torch import load_file
+
+    reference, got = journal(straight, "train/loss"), journal(resumed, "train/loss")
+    assert sorted(got) == sorted(reference) == list(range(1, steps + 1))
+    for step, values in got.items():
+        assert all(value == reference[step][0] for value in values), (step, values, reference[step])
+    trained = [json.loads(line)["step"] for line in (resumed / "keys" / "rank00000.jsonl").open()]
+    once = [json.loads(line)["step"] for line in (straight / "keys" / "rank00000.jsonl").open()]
+    for step in range(resume_step):  # 0-based: the steps before the checkpoint
+        assert trained.count(step) == once.count(step), \
+            f"step {step + 1} trained twice: the restart did not resume from step {resume_step}"
+    a, b = load_file(straight / "export" / "model.safetensors"), load_file(resumed / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,6 @@
 """A real one-node Slurm cluster on localhost for tests: munged, slurmctld and slurmd from Debian's
 slurm-wlm and munge, run in the foreground from a temporary directory (own key, socket, ports,
-state), and stopped by their PIDs. Recipe: ../shared/STACK_NOTES.md, "Slurm on one machine"."""
+state), and stopped by their PIDs."""
 from __future__ import annotations
 
 import os

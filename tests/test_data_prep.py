@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.build import ValSplit, build_shards, train_tokenizer
+from data_prep.build import BuildOptions, ValSplit, build_shards, train_tokenizer
 from data_prep.errors import DataPrepError, UnsafeTarError
 from data_prep.inspect import inspect_dir, verify_shards
 from data_prep.merge import merge_parts
@@ -80,8 +80,8 @@ def corpus(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def built(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("built") / "shards"
-    build_shards([corpus["jsonl"], corpus["txt"]], str(out), seq_len=32, vocab_size=200,
-                 val_fraction=0.2, samples_per_shard=20)
+    build_shards([corpus["jsonl"], corpus["txt"]], str(out), BuildOptions(seq_len=32, vocab_size=200,
+                 val_fraction=0.2, samples_per_shard=20))
     return out
 
 
@@ -134,8 +134,8 @@ def test_deterministic_same_sha256_any_worker_count(corpus, built, tmp_path, mon
 
     monkeypatch.setattr(data_prep.build, "BATCH_DOCS", 7)  # many batches in flight at once
     out = tmp_path / "again"
-    build_shards([corpus["txt"], corpus["jsonl"]], str(out), seq_len=32, vocab_size=200,
-                 val_fraction=0.2, samples_per_shard=20, workers=2)
+    build_shards([corpus["txt"], corpus["jsonl"]], str(out), BuildOptions(seq_len=32, vocab_size=200,
+                 val_fraction=0.2, samples_per_shard=20, workers=2))
     a, b = sha_tree(built), sha_tree(out)
     a.pop("manifest.json"), b.pop("manifest.json")  # the manifest records the flags (workers)
     assert a == b and any(k.endswith(".tar") for k in a)
@@ -170,8 +170,8 @@ def test_split_stable_under_input_reordering(tmp_path, word_tokenizer):
     b = [write_lines(tmp_path / "p.txt", shuffled[:100]), write_lines(tmp_path / "q.txt", shuffled[100:200]),
          write_lines(tmp_path / "r.txt", shuffled[200:])]
     kw = dict(seq_len=16, tokenizer_dir=word_tokenizer, val_fraction=0.3, samples_per_shard=1000)
-    ma = build_shards(a, str(tmp_path / "A"), **kw)
-    mb = build_shards(b[::-1], str(tmp_path / "B"), **kw)
+    ma = build_shards(a, str(tmp_path / "A"), BuildOptions(**kw))
+    mb = build_shards(b[::-1], str(tmp_path / "B"), BuildOptions(**kw))
     assert ma["remainder_tokens"] == mb["remainder_tokens"] == 0
     for split in ("train", "val"):
         ra, rb = rows_of(tmp_path / "A", split), rows_of(tmp_path / "B", split)
@@ -191,8 +191,8 @@ def test_counts_add_up_with_skipped_documents(tmp_path):
     src = tmp_path / "mixed.jsonl"
     src.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "caf\xe9"}\n')
     txt = write_lines(tmp_path / "plain.txt", docs(40, 5))
-    m = build_shards([str(src), txt], str(tmp_path / "out"), seq_len=24, vocab_size=150,
-                     val_fraction=0.25, skip_bad=True, samples_per_shard=7)
+    m = build_shards([str(src), txt], str(tmp_path / "out"), BuildOptions(seq_len=24, vocab_size=150,
+                     val_fraction=0.25, skip_bad=True, samples_per_shard=7))
     by = {Path(s["path"]).name: s for s in m["sources"]}
     d = by["mixed.jsonl"]["documents"]
     assert d["in"] == 61 and d["skipped"] == 6 and d["kept"] == 55
@@ -234,9 +234,9 @@ def test_every_input_format(tmp_path):
     datasets.Dataset.from_dict({"body": texts[34:40]}).save_to_disk(str(tmp_path / "hfds"))
     paths.append(str(tmp_path / "hfds"))
     common = dict(seq_len=16, vocab_size=100, val_fraction=0.0, doc_separator="blank")
-    m = build_shards(paths[1:3], str(tmp_path / "o1"), text_field="content", **common)
-    m2 = build_shards(paths[3:], str(tmp_path / "o2"), text_column="body", **common)
-    m3 = build_shards(paths[:1], str(tmp_path / "o3"), **{**common, "doc_separator": "line"})
+    m = build_shards(paths[1:3], str(tmp_path / "o1"), BuildOptions(text_field="content", **common))
+    m2 = build_shards(paths[3:], str(tmp_path / "o2"), BuildOptions(text_column="body", **common))
+    m3 = build_shards(paths[:1], str(tmp_path / "o3"), BuildOptions(**{**common, "doc_separator": "line"}))
     got = {Path(s["path"]).name: (s["format"], s["documents"]["kept"])
            for mm in (m, m2, m3) for s in mm["sources"]}
     assert got == {"paras.txt": ("text", 5), "z.jsonl.gz": ("jsonl", 7), "t.csv": ("csv", 7),
@@ -249,12 +249,12 @@ def test_parts_and_merge_hold_the_same_samples(tmp_path):
     tok = tmp_path / "tok"
     train_tokenizer(files, str(tok), vocab_size=150)
     kw = dict(seq_len=24, tokenizer_dir=str(tok), val_fraction=0.2, samples_per_shard=10)
-    single = build_shards(files, str(tmp_path / "one"), **kw)
+    single = build_shards(files, str(tmp_path / "one"), BuildOptions(**kw))
     parted = tmp_path / "parted"
     for part in (2, 0, 1):  # any order, as a Slurm array would
-        build_shards(files, str(parted), part=part, parts=3, **kw)
+        build_shards(files, str(parted), BuildOptions(part=part, parts=3, **kw))
     with pytest.raises(DataPrepError, match="not empty"):
-        build_shards(files, str(parted), part=1, parts=3, **kw)  # part 1 is already there
+        build_shards(files, str(parted), BuildOptions(part=1, parts=3, **kw))  # part 1 is already there
     merged = merge_parts(str(parted))
     names = [s["name"] for s in merged["shards"]]
     assert len(names) == len(set(names)) and all(n.startswith(("train-0000", "val-0000")) for n in names)
@@ -272,12 +272,12 @@ def test_merge_refuses_a_missing_part_and_takes_an_empty_one(tmp_path):
     train_tokenizer(files, str(tok), vocab_size=100)
     kw = dict(seq_len=16, tokenizer_dir=str(tok), parts=3)
     (tmp_path / "p" / ".tokenizer.tmp-99999").mkdir(parents=True)  # another part placing it now
-    build_shards(files, str(tmp_path / "p"), part=0, **kw)
-    empty = build_shards(files, str(tmp_path / "p"), part=2, **kw)  # 2 files, 3 parts: no files
+    build_shards(files, str(tmp_path / "p"), BuildOptions(part=0, **kw))
+    empty = build_shards(files, str(tmp_path / "p"), BuildOptions(part=2, **kw))  # 2 files, 3 parts: no files
     assert empty["shards"] == [] and empty["documents"]["in"] == 0
     with pytest.raises(DataPrepError, match=r"missing \[1\]"):
         merge_parts(str(tmp_path / "p"))
-    build_shards(files, str(tmp_path / "p"), part=1, **kw)
+    build_shards(files, str(tmp_path / "p"), BuildOptions(part=1, **kw))
     merged = merge_parts(str(tmp_path / "p"))
     assert merged["documents"]["in"] == 80 and len(merged["sources"]) == 2
 
@@ -290,11 +290,11 @@ def test_rerun_after_crash_restarts_cleanly(corpus, built, tmp_path):
     (out / "train-000099.tar").write_bytes(b"a shard this build will not write again")
     (out / "val-000003.tar.tmp").write_bytes(b"half written")
     (out / ".tokenizer.tmp-12345").mkdir()
-    build_shards([corpus["txt"], corpus["jsonl"]], str(out), seq_len=32, vocab_size=200,
-                 val_fraction=0.2, samples_per_shard=20)
+    build_shards([corpus["txt"], corpus["jsonl"]], str(out), BuildOptions(seq_len=32, vocab_size=200,
+                 val_fraction=0.2, samples_per_shard=20))
     assert sha_tree(out) == sha_tree(built)
     with pytest.raises(DataPrepError, match="not empty"):  # a finished build is never overwritten
-        build_shards([corpus["txt"]], str(out), seq_len=32, vocab_size=200)
+        build_shards([corpus["txt"]], str(out), BuildOptions(seq_len=32, vocab_size=200))
 
 
 def test_inspect_verify_catches_a_corrupted_shard(built, tmp_path):
@@ -359,8 +359,8 @@ def test_pickled_npy_member_is_refused(tmp_path):
 
 
 def test_shard_bounds_in_bytes(corpus, tmp_path):
-    m = build_shards([corpus["txt"]], str(tmp_path / "o"), seq_len=32, vocab_size=200,
-                     val_fraction=0.0, max_shard_bytes=30_000)
+    m = build_shards([corpus["txt"]], str(tmp_path / "o"), BuildOptions(seq_len=32, vocab_size=200,
+                     val_fraction=0.0, max_shard_bytes=30_000))
     assert len(m["shards"]) > 2
     for s in m["shards"]:
         assert s["bytes"] == os.path.getsize(tmp_path / "o" / s["name"]) <= 30_000
@@ -370,8 +370,8 @@ def test_shard_bounds_in_bytes(corpus, tmp_path):
 
 def test_special_token_text_in_documents_stays_text(tmp_path, word_tokenizer):
     src = write_lines(tmp_path / "a.txt", ["kan lon [MASK] min [SEP] tun [CLS] ven [PAD] ran"] * 20)
-    m = build_shards([src], str(tmp_path / "o"), seq_len=16, tokenizer_dir=word_tokenizer,
-                     val_fraction=0.0)
+    m = build_shards([src], str(tmp_path / "o"), BuildOptions(seq_len=16, tokenizer_dir=word_tokenizer,
+                     val_fraction=0.0))
     sp = m["tokenizer"]["special_ids"]
     rows = rows_of(tmp_path / "o", "train")
     assert rows and all(r[0] == sp["cls"] and r[-1] == sp["sep"] for r in rows)

@@ -1,4 +1,4 @@
-"""data_prep's CLI, its tar writer against tarfile, and a real crash (SIGKILL) mid-build."""
+"""data_prep's CLI, its tar writer against tarfile, and a real crash (SIGKILL) and Ctrl-C mid-build."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -64,10 +65,24 @@ def test_cli_build_tokenizer_parts_merge_inspect(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("--- train-0000") == 2 and "[CLS]" in out and "all match the manifest" in out
     (tmp_path / "parts" / "val-00001-000000.tar").unlink()
-    assert main(["-q", "inspect", str(tmp_path / "parts"), "--samples", "0", "--verify"]) == 1
-    assert "val-00001-000000.tar: missing" in capsys.readouterr().out
+    assert main(["-q", "inspect", str(tmp_path / "parts"), "--samples", "0", "--verify"]) == 2
+    res = capsys.readouterr()
+    assert "val-00001-000000.tar: missing" in res.out
+    assert res.err.startswith("error: shards differ from the manifest") and res.err.count("\n") == 1
     assert main(["-q", "inspect", str(tmp_path)]) == 2  # not a shard dir: a clear error, no traceback
-    assert "no manifest" in capsys.readouterr().err
+    assert "(no manifest.json)" in capsys.readouterr().err
+
+
+def start_until_shards(cmd: list[str], out: Path, n: int, **popen) -> subprocess.Popen:
+    """Start a build and return once ``n`` shards are complete, the build still running."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and len([p for p in out.iterdir() if p.suffix == ".tar"]) >= n:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the build finished before it could be stopped: use a bigger corpus"
+    return proc
 
 
 def test_sigkill_mid_build_then_rerun_gives_the_clean_result(tmp_path):
@@ -82,13 +97,7 @@ def test_sigkill_mid_build_then_rerun_gives_the_clean_result(tmp_path):
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep", "-q", "build", *args, "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.is_dir() and len([p for p in out.iterdir() if p.suffix == ".tar"]) >= 3:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the build finished before it could be killed: use a bigger corpus"
+    proc = start_until_shards(cmd, out, 3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists() and (out / ".incomplete").exists()
@@ -102,3 +111,24 @@ def test_sigkill_mid_build_then_rerun_gives_the_clean_result(tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert sha_tree(out) == sha_tree(clean)
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
+def test_ctrl_c_mid_build_exits_130_with_one_line_and_leaves_nothing(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, workers included) mid-build: exit 130, one
+    stderr line, no traceback from the parent or the worker processes, and the output directory
+    is gone, so running the same command again works (what the message says to do)."""
+    src = corpus(tmp_path / "big.txt", 20_000, seed=5)
+    tok = tmp_path / "tok"
+    assert main(["-q", "tokenizer", "-i", corpus(tmp_path / "small.txt", 300, seed=6), "-o", str(tok),
+                 "--vocab-size", "90"]) == 0
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", "-q", "build", "-i", src, "-o", str(out), "--seq-len", "32",
+           "--tokenizer", str(tok), "--samples-per-shard", "20", "--workers", "2", "--no-progress"]
+    proc = start_until_shards(cmd, out, 1, text=True, start_new_session=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert re.fullmatch(r"error: interrupted by Ctrl-C \(python -m data_prep build\): run the same command again.*\n",
+                        stderr), stderr
+    assert not out.exists()

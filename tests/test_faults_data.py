@@ -1,7 +1,8 @@
-"""Truncated and corrupt shards: skipped and counted by default (data/skipped_corrupt in MLflow), a
-rank whose stream comes up short repeats it (data/repeated_samples, and a warning), and
-data.strict=true fails naming the shard. Shard integrity against the manifest's sha256 is data_prep's
-`inspect --verify` (tests/test_data_prep.py::test_inspect_verify_catches_a_corrupted_shard)."""
+"""Truncated, corrupt and changed shards. With data.verify (the default) a shard whose sha256 is not
+the manifest's is left out whole, counted (data/skipped_shards) and named, or refused with
+data.strict=true; without it (remote shards are never hashed) broken samples are skipped and counted
+(data/skipped_corrupt), a rank whose stream comes up short repeats it (data/repeated_samples), and
+data.strict=true fails naming the shard."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import (CandidateBatches, CorruptSampleError, DataFaults, MaskSpec, SkipCounter, shard_stream,
+from pipeline.masking import MaskSpec
+from pipeline.data import (CandidateBatches, CorruptSampleError, DataFaults, SkipCounter, shard_stream,
                            train_loader)
 from pipeline.manifest import DataError, Manifest
 from tests.conftest import tiny_config
@@ -68,7 +70,7 @@ def test_a_damaged_shard_loses_only_its_broken_samples_and_counts_them(small, tm
     handler = SkipCounter(strict=False)
     samples = list(shard_stream([url], 32, 10_000, handler, expected={url: 16}))
     assert (len(samples), handler.skipped) == (16 - lost, lost)
-    with pytest.raises(CorruptSampleError, match=f"{url}.*data.strict=true"):
+    with pytest.raises(CorruptSampleError, match=f"data.strict=true.*\\({url}\\)"):
         list(shard_stream([url], 32, 10_000, SkipCounter(strict=True), expected={url: 16}))
 
 
@@ -81,7 +83,7 @@ def test_a_short_stream_is_repeated_counted_and_logged_with_any_worker_count(sma
     data, _ = damaged(small, tmp_path / "d", "truncated")
     manifest = Manifest.load(str(data))
     loader, dataset = train_loader(manifest, spec_of(manifest), batch=8, epoch=0, seed=0, rank=0, world=1, start=0,
-                                   shuffle_buffer=16, strict=False, num_workers=workers)
+                                   shuffle_buffer=16, strict=False, num_workers=workers, verify=False)
     faults = DataFaults()
     with caplog.at_level("WARNING", logger="pipeline.data"):
         batches = [faults.update(batch) for batch in loader]
@@ -99,7 +101,7 @@ def test_fault_counts_are_not_counted_twice_after_a_resume(small, tmp_path):
 
     def batches(start: int):
         return iter(CandidateBatches(manifest, spec_of(manifest), batch=8, epoch=0, seed=0, rank=0, world=1,
-                                     start=start, shuffle_buffer=16, strict=False))
+                                     start=start, shuffle_buffer=16, strict=False, verify=False))
 
     straight = DataFaults()
     total = sum(1 for batch in batches(0) if straight.update(batch))
@@ -119,7 +121,8 @@ def test_training_skips_corrupt_samples_and_mlflow_gets_the_counts(small, tmp_pa
 
     data, where = damaged(small, tmp_path / "d", *DAMAGE)
     out = tmp_path / "run"
-    cfg = tiny_config(data, out, "train.max_steps=15", "train.ckpt_every=5", "train.eval_every=5", "train.export=false")
+    cfg = tiny_config(data, out, "train.max_steps=15", "train.ckpt_every=5", "train.eval_every=5", "train.export=false",
+                      "data.verify=false")
     listed = Manifest.load(str(data)).split_samples("train")
     assert listed // 8 == 15  # max_steps is one epoch
     with caplog.at_level("WARNING"):
@@ -138,14 +141,14 @@ def test_training_skips_corrupt_samples_and_mlflow_gets_the_counts(small, tmp_pa
 def test_strict_mode_fails_naming_the_shard(small, tmp_path, dist_info, monkeypatch):
     import deepspeed
 
-    from pipeline.run_setup import build_run
+    from pipeline.run import Run
     from pipeline.train import train
 
     data, where = damaged(small, tmp_path / "d", "truncated")  # a size unlike the manifest's: found at start
     monkeypatch.setattr(deepspeed, "initialize", lambda **kw: pytest.fail("deepspeed.initialize was reached"))
     cfg = tiny_config(data, tmp_path / "r1", "data.strict=true")
-    with pytest.raises(DataError, match=f"{where['truncated']}: .* bytes, the manifest says .*data.strict=true"):
-        build_run(cfg, dist_info)
+    with pytest.raises(DataError, match=f"a shard is damaged: .* bytes, the manifest says .*\\({where['truncated']}\\): .*data.strict=false"):
+        Run.open(cfg, dist_info)
     monkeypatch.undo()
 
     data, where = damaged(small, tmp_path / "d2", "truncated", "garbage header")  # a header garbled mid-shard
@@ -153,16 +156,59 @@ def test_strict_mode_fails_naming_the_shard(small, tmp_path, dist_info, monkeypa
     for shard in manifest["shards"]:  # the manifest agrees on sizes: only reading finds the damage
         shard["bytes"] = (data / shard["name"]).stat().st_size
     (data / "manifest.json").write_text(json.dumps(manifest))
-    cfg = tiny_config(data, tmp_path / "r2", "data.strict=true", "train.max_steps=15", "train.export=false")
-    with pytest.raises(CorruptSampleError, match=r"train-00000[13]\.tar.*data\.strict=true"):
+    cfg = tiny_config(data, tmp_path / "r2", "data.strict=true", "train.max_steps=15", "train.export=false",
+                      "data.verify=false")
+    with pytest.raises(CorruptSampleError, match=r"data\.strict=true.*\(.*train-00000[13]\.tar\)"):
         train(cfg, dist_info)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where,offset", [("in a sample's token ids (it still decodes)", 5 * MEMBER + 700),
+                                          ("in a sample's .npy header", 5 * MEMBER + 520)])
+def test_a_flipped_byte_leaves_its_shard_out_counted_and_named(small, tmp_path, dist_info, caplog, where, offset):
+    """data.verify: the shard's sha256 no longer matches, so it is left out whole, counted in
+    data/skipped_shards and named; training goes on. Checked to fail with data.verify=false: the
+    token-id flip trained silently and the header flip cost one sample with no word of the shard."""
+    from pipeline.train import train
+
+    data = copy_data(small, tmp_path / "d")
+    shard = data / "train-000003.tar"
+    flip_byte(shard, offset)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        train(tiny_config(data, out, "train.max_steps=4", "train.ckpt_every=4", "train.export=false"), dist_info)
+    assert f"skipping shard {shard}: its sha256 is not the manifest's" in caplog.text
+    assert journal(out, "data/skipped_shards") == {4: [1.0]}
+    assert journal(out, "data/skipped_corrupt") == {4: [0.0]}
+
+
+def test_a_changed_shard_is_refused_naming_it_with_strict(small, tmp_path, capsys):
+    """data.strict=true: exit 2 and one line that names the shard (through the real CLI)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, clean_env
+    from tests.fault_helpers import train_cmd
+
+    data = copy_data(small, tmp_path / "d")
+    flip_byte(data / "train-000002.tar", 3 * MEMBER + 700)
+    result = subprocess.run(train_cmd(data, tmp_path / "run", "data.strict=true", "train.max_steps=4"), cwd=REPO,
+                            env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sha256 ") and f"({data / 'train-000002.tar'})" in last
 
 
 def test_mask_shares_choose_what_the_masked_tokens_become():
     """80/10/10 by default; with all of them [MASK] the input keeps no answer to copy."""
     import numpy as np
 
-    from pipeline.data import mask_tokens
+    from pipeline.masking import mask_tokens
 
     ids = np.arange(10, 4010)
     specs = {"bert": MaskSpec(0.5, 5000, 4, (0, 1, 2, 3, 4)),

@@ -81,8 +81,8 @@ def test_nonfinite_losses_in_a_row_stop_the_run_and_the_checkpoint_before_stays_
     poison_forward(monkeypatch, set(range(4, 100)), math.nan)  # every micro-step from step 5 on
     cfg = tiny_config(tiny_data, tmp_path, "train.max_steps=10", "train.ckpt_every=2", "train.export=false",
                       "train.max_nonfinite_in_a_row=3")
-    with pytest.raises(FloatingPointError, match=r"3 non-finite losses in a row at step 4 "
-                                                 r"\(train.max_nonfinite_in_a_row=3\).*checkpoint is intact"):
+    with pytest.raises(FloatingPointError, match=r"3 non-finite losses in a row at step 4, run stopped "
+                                                 r"\(train.max_nonfinite_in_a_row\): the newest complete checkpoint is intact"):
         train(cfg, dist_info)
     ckpt_dir = tmp_path / "checkpoints"
     assert checkpoint.complete_tags(ckpt_dir) == ["step00000002", "step00000004"]
@@ -99,7 +99,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_and_the_checkpoint_before_stays_
 
 
 def test_a_half_written_checkpoint_is_deleted_and_never_resumed(tiny_data, tmp_path, dist_info, caplog):
-    from pipeline.run_setup import build_run
+    from pipeline.run import Run
     from pipeline.train import train
 
     cfg = tiny_config(tiny_data, tmp_path, "train.max_steps=4", "train.ckpt_every=2", "train.export=false")
@@ -111,7 +111,7 @@ def test_a_half_written_checkpoint_is_deleted_and_never_resumed(tiny_data, tmp_p
     (half / "rank00000_state.pt").unlink()
     cfg = tiny_config(tiny_data, tmp_path, "train.max_steps=8", "train.ckpt_every=2", "train.export=false")
     with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
-        run = build_run(cfg, dist_info)
+        run = Run.open(cfg, dist_info)
     run.tracker.close()
     assert run.progress.step == 4
     assert not half.exists() and "removing incomplete checkpoint" in caplog.text

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from pipeline.selector import Selector
+from pipeline.sift.hook import Selector
 from tests.conftest import free_port, tiny_config
 from tests.test_tracking_outage import MlflowServer
 
@@ -20,11 +20,11 @@ def at_steps(monkeypatch, actions: dict[int, callable]) -> None:
     """Run actions[k] once, in the step after step k (the selector is called once per micro-step)."""
     select, done = Selector.select, set()
 
-    def select_with_actions(self, mlm, batch, step):
+    def select_with_actions(self, model, batch, step, fraction=None):
         if step in actions and step not in done:
             done.add(step)
             actions[step]()
-        return select(self, mlm, batch, step)
+        return select(self, model, batch, step, fraction)
 
     monkeypatch.setattr(Selector, "select", select_with_actions)
 

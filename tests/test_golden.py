@@ -71,14 +71,14 @@ def write_golden() -> None:
 
     from pipeline.distributed import init_distributed
     from tests.conftest import write_corpus
-    from data_prep.build import build_shards
+    from data_prep.build import BuildOptions, build_shards
 
     info = init_distributed()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpus = write_corpus(root / "corpus.txt")
         data = root / "shards"
-        build_shards([str(corpus)], str(data), seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16)
+        build_shards([str(corpus)], str(data), BuildOptions(seq_len=32, vocab_size=120, val_fraction=0.1, samples_per_shard=16))
         arms = {arm: golden_run(data, root / arm.replace("@", "_"), arm, info) for arm in ARMS}
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -24,18 +24,18 @@ BIN = Path(sys.executable).parent
 # process SIGUSR1 while the run starts up.
 ENTRY = """
 import os, signal, sys
-from pipeline import train
+from pipeline import run, train
 
-build_run = train.build_run
+open_run = run.Run.open
 
-def faulty_build_run(cfg, info):
+def faulty_open(cfg, info):
     if os.environ["LAUNCH_FAULT"] == "fail_rank1" and info.rank == 1:
         raise RuntimeError("injected failure on rank 1")
     if os.environ["LAUNCH_FAULT"] == "signal_at_start":
         os.kill(os.getpid(), signal.SIGUSR1)
-    return build_run(cfg, info)
+    return open_run(cfg, info)
 
-train.build_run = faulty_build_run
+run.Run.open = staticmethod(faulty_open)
 sys.exit(train.main())
 """
 
@@ -73,7 +73,7 @@ def test_sweep_lists_index_to_policy_exit_layer_and_seed_outside_slurm():
 
 
 def _probe_out_dir(path: str, start) -> None:
-    from pipeline.run_setup import _writable_dir
+    from pipeline.run import _writable_dir
 
     start.wait()
     failures = 0
@@ -87,7 +87,7 @@ def _probe_out_dir(path: str, start) -> None:
 
 def test_ranks_checking_one_out_dir_at_once_never_fail(tmp_path):
     """Each rank probes out_dir at start; a shared probe file used to make one rank fail now and then."""
-    import pipeline.run_setup  # noqa: F401 - imported once, before the fork
+    import pipeline.run  # noqa: F401 - imported once, before the fork
 
     assert _race(_probe_out_dir, [(str(tmp_path / "out"),)] * 2, timeout=60) == [0, 0]
 

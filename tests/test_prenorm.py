@@ -1,4 +1,4 @@
-"""model.pre_layernorm (pipeline/prenorm.py) and train.init_from (warm start, pipeline/run_setup.py)."""
+"""model.pre_layernorm (pipeline/prenorm.py) and train.init_from (warm start, pipeline/checkpoint.py)."""
 from __future__ import annotations
 
 import json
@@ -67,8 +67,8 @@ def test_default_stays_post_ln_and_parameter_names_are_unchanged():
 
 
 def test_exit_layer_scoring_at_the_last_layer_equals_the_full_pre_ln_model():
-    from pipeline.scoring import exit_layer_losses
-    from pipeline.selection import per_sample_loss
+    from pipeline.sift.scoring import exit_layer_losses
+    from pipeline.sift.scoring import per_sample_loss
 
     model = _tiny_mlm(pre_layernorm=True)
     gen = torch.Generator().manual_seed(2)
@@ -76,14 +76,14 @@ def test_exit_layer_scoring_at_the_last_layer_equals_the_full_pre_ln_model():
     labels = torch.where(torch.rand(4, 16, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
     labels[0, 0] = ids[0, 0]  # at least one masked token per sample
     labels[1:, 1] = ids[1:, 1]
-    loss, count = exit_layer_losses(model.mlm, ids, labels, exit_layer=model.num_layers)
+    loss, count = exit_layer_losses(model, ids, labels, exit_layer=model.num_layers)
     with torch.no_grad():
         out = model(ids, labels)
     want, want_count = per_sample_loss(F.cross_entropy(out.logits, out.targets, reduction="none"),
                                        out.sample_index, 4)
     assert torch.equal(count, want_count)
     assert torch.allclose(loss, want, atol=1e-5)
-    shallow, _ = exit_layer_losses(model.mlm, ids, labels, exit_layer=1)
+    shallow, _ = exit_layer_losses(model, ids, labels, exit_layer=1)
     assert not torch.allclose(shallow, loss, atol=1e-4)
 
 
@@ -98,7 +98,7 @@ def test_pre_ln_refuses_export(tmp_path):
 def test_init_from_loads_module_weights_only_into_a_new_run(tiny_data, tmp_path, dist_info):
     from pipeline.config import ConfigError
     from pipeline.model import build_model
-    from pipeline.run_setup import load_module_weights
+    from pipeline.checkpoint import load_module_weights
     from pipeline.train import train
 
     warm_dir, branch_dir = tmp_path / "warm", tmp_path / "branch"

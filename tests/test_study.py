@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from benchmarks import study
 from benchmarks.study import parse_method, train_command, parse_args
 from benchmarks.study_diagnostics import read_journal, run_summary, write_diagnostics
 
@@ -35,6 +36,19 @@ def test_train_command_gives_every_arm_the_same_recipe_but_policy_and_seed(tmp_p
     assert "select.exit_layer=2" in a and "select.policy=sift" in a and "train.seed=1" in a
     assert "train.max_seconds=90" in a and "train.lr=0.002" in a
     assert not any(x.startswith("select.exit_layer") for x in b)
+
+
+def test_compare_step_targets_the_mask_accuracy_unless_told(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    monkeypatch.setattr(study, "write_diagnostics", lambda runs_dir, out: [])
+    for extra in ([], ["--metric", "eval/accuracy", "--target", "0.06"]):
+        study.compare(parse_args(["--out", str(tmp_path), *extra]), "exp")
+    assert commands[0][2:] == ["pipeline.compare", "--experiment", "exp", "--metric", "eval/mask_accuracy",
+                               "--target", "auto", "--out", str(tmp_path / "compare" / "exp")]
+    assert commands[1][5:9] == ["--metric", "eval/accuracy", "--target", "0.06"]
+    with pytest.raises(SystemExit):
+        parse_args(["--metric", "eval/loss"])
 
 
 def test_journal_reader_keeps_the_last_value_per_step_and_skips_a_torn_line(tmp_path):
@@ -109,3 +123,18 @@ def test_probe_metrics_reach_the_log_when_log_every_is_above_one(tiny_data, tmp_
     series = read_journal(tmp_path)
     assert [s for s, _ in series["probe/spearman"]] == [4, 8]
     assert [s for s, _ in series["probe/topk_overlap"]] == [4, 8]
+
+
+def test_plateau_summary_reads_times_to_2x_and_half_a_nat_from_a_journal():
+    from benchmarks.plateau import summarize
+
+    rec = lambda step, key, value: {"step": step, "key": key, "value": value}  # noqa: E731
+    records = [rec(0, "eval/mask_accuracy_ref", 0.04), rec(0, "eval/unigram_ce", 6.8)]
+    for step, (seconds, acc, loss) in enumerate([(10, 0.04, 6.85), (20, 0.07, 6.4), (30, 0.081, 6.35),
+                                                 (40, 0.09, 6.0)], start=1):
+        records += [rec(step * 25, "eval/train_time_s", seconds), rec(step * 25, "eval/mask_accuracy", acc),
+                    rec(step * 25, "eval/mask_loss", loss), rec(step * 25, "train/loss", 5.0)]
+    assert summarize(records) == {"mask_accuracy": 0.09, "reference": 0.04, "unigram_ce": 6.8, "mask_loss": 6.0,
+                                  "seconds_to_2x": 30, "seconds_to_half_nat": 40, "steps": 100}
+    never = summarize(records[:2] + records[2:6])
+    assert never["seconds_to_2x"] is None and never["seconds_to_half_nat"] is None

@@ -1,0 +1,132 @@
+"""One optimizer step, as training runs it: score candidates -> select -> forward/backward on the
+kept -> engine.step, grad_accum times. Used by pipeline/train.py, the benchmarks and the tests.
+
+Per rank and micro-step: the loader's m * oversample candidates go to the engine's device, the
+selection hook (pipeline/sift/hook.py) keeps m of them, and only those m run forward, backward and
+the optimizer step (DeepSpeed steps the optimizer at the gradient-accumulation boundary).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.distributed import DistInfo
+from pipeline.guards import check_finite
+from pipeline.progress import Progress
+from pipeline.schedule import budget_fraction, lr_at
+from pipeline.sift.hook import Selector
+
+MicroStepHook = Callable[[int, list[str], list[str], float], None]  # (step, candidate keys, kept keys, loss)
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step measured; means over its trained micro-steps."""
+    loss: float
+    lr: float
+    grad_norm: float
+    step_s: float  # training time of the step (the probe excluded)
+    scoring_s: float
+    scoring_cpu_s: float = 0.0
+    kept_loss: float = math.nan
+    dropped_loss: float = math.nan
+    kept_unigram_ce: float = math.nan
+    pool_unigram_ce: float = math.nan
+    probe: dict[str, float] = field(default_factory=dict)
+    selecting: float = 0.0  # 1.0 when the policy selected at this step (select/active)
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"train/loss": self.loss, "train/lr": self.lr, "train/grad_norm": self.grad_norm,
+                "select/active": self.selecting,
+                "time/step_s": self.step_s, "time/scoring_s": self.scoring_s,
+                "select/scoring_share": self.scoring_s / self.step_s, "select/kept_loss": self.kept_loss,
+                "select/dropped_loss": self.dropped_loss, "select/kept_unigram_ce": self.kept_unigram_ce,
+                "select/pool_unigram_ce": self.pool_unigram_ce, **self.probe}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on the engine's device (scoring and training both run there)."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def train_step(engine, selector: Selector, batches: Iterator[dict], progress: Progress, info: DistInfo,
+               t: TrainConfig, *, probe: bool = False, on_micro_step: MicroStepHook | None = None) -> StepMetrics:
+    """One optimizer step; updates `progress` (step, samples, training time, non-finite counters)."""
+    start = time.perf_counter()
+    lr = lr_at(progress.step, progress.train_time_s, t)
+    fraction = budget_fraction(progress.step, progress.train_time_s, t)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    probe_metrics, probe_s = {}, 0.0
+    losses, scoring_s, scoring_cpu_s, kept_loss, dropped_loss, kept_ce, pool_ce = [], 0.0, 0.0, [], [], [], []
+    plain_norm = None
+    while len(losses) < t.grad_accum:
+        batch = to_device(next(batches), info.device)  # (m * oversample, T) candidates
+        if probe and not probe_metrics:  # a diagnostic: its time is not training time
+            probe_start = time.perf_counter()
+            probe_metrics = selector.probe(engine.module, batch)
+            probe_s += time.perf_counter() - probe_start
+        kept, stats = selector.select(engine.module, batch, progress.step, fraction)  # (m, T)
+        progress.samples_seen += len(batch["keys"]) * info.world_size
+        out = engine(kept["input_ids"], kept["labels"])
+        if not check_finite(out.loss, info, progress, t.max_nonfinite_in_a_row):
+            continue  # every rank skips this micro-step together; counted in progress
+        engine.backward(out.loss)
+        plain_norm = _plain_grad_norm(engine)  # DeepSpeed reports no norm at ZeRO-0 fp32
+        engine.step()
+        progress.samples_backprop += len(kept["keys"]) * info.world_size
+        losses.append(out.loss.item())
+        if on_micro_step is not None:
+            on_micro_step(progress.step, batch["keys"], kept["keys"], losses[-1])
+        scoring_s, scoring_cpu_s = scoring_s + stats.scoring_s, scoring_cpu_s + stats.scoring_cpu_s
+        kept_loss.append(stats.kept_loss), dropped_loss.append(stats.dropped_loss)
+        kept_ce.append(stats.kept_unigram_ce), pool_ce.append(stats.pool_unigram_ce)
+    progress.step += 1
+    step_s = time.perf_counter() - start - probe_s
+    progress.train_time_s += step_s
+    selecting = float(selector.policy.oversamples and selector.active(progress.step - 1, fraction))
+    return StepMetrics(sum(losses) / len(losses), lr, _grad_norm(engine, plain_norm), step_s, scoring_s,
+                       scoring_cpu_s, mean(kept_loss), mean(dropped_loss), mean(kept_ce), mean(pool_ce), probe_metrics,
+                       selecting)
+
+
+def window_metrics(window: list[StepMetrics], progress: Progress, seq_len: int, samples_per_step: int
+                   ) -> dict[str, float]:
+    """The metrics of a log window: means of its steps (probe/* is in one step's entry), throughput
+    and the progress counters."""
+    entries = [step.as_metrics() for step in window]
+    keys = dict.fromkeys(key for entry in entries for key in entry)
+    metrics = {key: mean([entry[key] for entry in entries if key in entry]) for key in keys}
+    step_s = metrics["time/step_s"]
+    metrics.update({"train/samples_per_s": samples_per_step / step_s,
+                    "train/tokens_per_s": samples_per_step * seq_len / step_s,
+                    "progress/samples_seen": progress.samples_seen,
+                    "progress/samples_backpropagated": progress.samples_backprop,
+                    "progress/train_time_s": progress.train_time_s, "progress/wall_clock_s": progress.wall_clock_s,
+                    "train/nonfinite_skipped": progress.nonfinite_skipped})
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _plain_grad_norm(engine) -> float | None:
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    if not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+
+
+def _grad_norm(engine, plain_norm: float | None) -> float:
+    norm = engine.get_global_grad_norm()
+    norm = plain_norm if norm is None else norm
+    return float(norm) if norm is not None else math.nan
