@@ -39,8 +39,7 @@ from pipeline.reference import context_free_reference, train_unigram_counts
 from pipeline.run_identity import run_record
 from pipeline.sift.hook import Selector
 from pipeline.step import StepMetrics, window_metrics
-from pipeline.tracking import NullTracker, Tracker, start_tracker
-from pipeline.tracking_journal import saved_run_id
+from pipeline.tracking import NullTracker, Tracker, saved_run_id, start_tracker
 
 log = logging.getLogger(__name__)
 

@@ -94,7 +94,8 @@ def test_no_config_key_looks_like_a_secret_to_the_mlflow_scrubber():
     """A key the scrubber takes for a secret (e.g. one with "token_" in it) is logged as REDACTED."""
     from dataclasses import asdict
 
-    from pipeline.tracking_scrub import flatten, is_secret_key
+    from pipeline.config import flatten
+    from pipeline.tracking.scrub import is_secret_key
 
     keys = flatten(asdict(load_config(None, [])))
     assert "data.mask_share" in keys

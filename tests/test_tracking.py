@@ -5,16 +5,22 @@ Faults (server outage, hanging server, SIGKILL, sync) are in test_tracking_outag
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from pipeline import tracking_journal
 from pipeline.tracking import NullTracker, resolve_uri, start_tracker
-from pipeline.tracking_scrub import REDACTED, is_secret_key
-from pipeline.tracking_sync import sync_run
+from pipeline.tracking import journal as tracking_journal
+from pipeline.tracking.scrub import REDACTED, is_secret_key, redact_url
+from pipeline.tracking.sync import send_records, sync_run
 
 MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
 
@@ -106,7 +112,7 @@ def test_sqlite_default_store_holds_params_metrics_tags_artifacts(tmp_path, monk
     local = Path(client.download_artifacts(tracker.run_id, "config.json", str(tmp_path)))
     assert json.loads(local.read_text()) == {"train": {"lr": 1e-3}}
     # the journal has every metric, and the run is findable from the run directory
-    records = tracking_journal.read_metrics(run_dir)
+    records = tracking_journal.read_records(run_dir)
     assert len(records) == 6 and set(records[0]) == {"step", "key", "value", "timestamp"}
     info = tracking_journal.read_run_info(run_dir)
     assert info["run_id"] == tracker.run_id and info["status"] == "FINISHED"
@@ -142,7 +148,7 @@ def test_a_new_run_in_a_used_run_dir_starts_its_own_journal(tmp_path):
     second.log_metrics({"train/loss": 2.0}, 7)
     second.close()
     assert second.run_id != first.run_id
-    assert [r["step"] for r in tracking_journal.read_metrics(run_dir)] == [7]
+    assert [r["step"] for r in tracking_journal.read_records(run_dir)] == [7]
     assert len(list(run_dir.glob(f"metrics.{first.run_id}.*.jsonl"))) == 1
     assert sync_run(str(run_dir))["metrics"] == 0
     assert steps_in_run(MlflowClient(cfg.uri), second.run_id, "train/loss") == [7]
@@ -174,7 +180,7 @@ def test_journal_survives_a_torn_last_line(tmp_path):
     journal = tracking_journal.Journal(tmp_path)
     journal.append_metrics([{"step": 2, "key": "a", "value": 3.0, "timestamp": 3}])
     journal.close()
-    assert [r["step"] for r in tracking_journal.read_metrics(tmp_path)] == [0, 2]
+    assert [r["step"] for r in tracking_journal.read_records(tmp_path)] == [0, 2]
 
 
 # -- secrets -----------------------------------------------------------------------------------------
@@ -224,3 +230,163 @@ def test_no_environment_secret_reaches_mlflow(tmp_path, monkeypatch):
     local = [p.read_text() for p in run_dir.rglob("*") if p.is_file() and p != leaky]
     for text in sent + local + [json.dumps(params), json.dumps(tags)]:
         assert token not in text and password not in text
+
+
+@pytest.mark.parametrize("text,redacted", [
+    ("http://user:pass@host:5000", "http://user:REDACTED@host:5000"),
+    ("https://tok3n@host/x", "https://REDACTED@host/x"),
+    ("https://host/?token=abc123&x=1", "https://host/?token=REDACTED&x=1"),
+    ("s3 https://b.s3/k?X-Amz-Signature=ab12&X-Amz-Credential=AK/1&sv=2", "s3 https://b.s3/k?X-Amz-Signature=REDACTED"
+     "&X-Amz-Credential=REDACTED&sv=2"),
+    ("x?api_key=1&apikey=2&access_token=3&password=4&secret=5&sig=6&key=7&monkey=8",
+     "x?api_key=REDACTED&apikey=REDACTED&access_token=REDACTED&password=REDACTED&secret=REDACTED&sig=REDACTED"
+     "&key=REDACTED&monkey=8"),
+    ("postgresql://u:REDACTED@h/db", "postgresql://u:REDACTED@h/db"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"), ("http://127.0.0.1:5000/a?b=c", "http://127.0.0.1:5000/a?b=c"),
+    ("data.tokenizer=tok/dir", "data.tokenizer=tok/dir"),
+])
+def test_redact_url(text, redacted):
+    assert redact_url(text) == redacted
+
+
+CREDENTIALS = {"tracking": {"uri": "http://alice:pw-Xq81zz@127.0.0.1:5000"},
+               "mirror": "https://host.example/api/?x=1&token=tok-Lm42yy&y=2"}
+
+
+def _tracking_log(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("pipeline"))
+
+
+def test_credentials_in_urls_never_reach_mlflow_or_the_journal(tmp_path, caplog):
+    """Fails without the fix: the resolved config was logged as params with `tracking.uri` unredacted."""
+    caplog.set_level(logging.DEBUG)
+    run_dir = tmp_path / "run"
+    tracker = start_tracker(tracking_cfg(sqlite_uri(tmp_path)), str(run_dir), rank=0, run_name="r")
+    tracker.log_params(CREDENTIALS)
+    tracker.set_tags({"uri": CREDENTIALS["tracking"]["uri"], "mirror": CREDENTIALS["mirror"]})
+    tracker.log_dict(CREDENTIALS, "config.json")
+    tracker.close()
+    client = MlflowClient(sqlite_uri(tmp_path))
+    run = client.get_run(tracker.run_id)
+    assert run.data.params["tracking.uri"] == f"http://alice:{REDACTED}@127.0.0.1:5000"
+    assert run.data.params["mirror"] == f"https://host.example/api/?x=1&token={REDACTED}&y=2"
+    client.download_artifacts(tracker.run_id, "", str(tmp_path / "sent"))
+    texts = [p.read_text() for directory in (tmp_path / "sent", run_dir) for p in directory.rglob("*") if p.is_file()]
+    for text in texts + [json.dumps(run.data.params), json.dumps(run.data.tags), _tracking_log(caplog)]:
+        assert "pw-Xq81zz" not in text and "tok-Lm42yy" not in text, text
+
+
+def test_credentials_in_the_tracking_uri_stay_out_of_the_journal_and_log_lines(tmp_path, caplog):
+    """Fails without the fix: mlflow_run.json kept a token query parameter, the journal the password."""
+    caplog.set_level(logging.DEBUG)
+    uri, run_dir = f"http://alice:pw-Xq81zz@127.0.0.1:{free_port()}/?token=tok-Lm42yy", tmp_path / "run"
+    tracker = start_tracker(tracking_cfg(uri), str(run_dir), rank=0, run_name="r")  # nothing listens there
+    tracker.log_params({"tracking": {"uri": uri}})
+    tracker.log_metrics({"train/loss": 1.0}, 0)
+    tracker.close()
+    assert tracking_journal.read_run_info(run_dir)["uri"].startswith("http://127.0.0.1:")
+    for text in [p.read_text() for p in run_dir.rglob("*") if p.is_file()] + [_tracking_log(caplog)]:
+        assert "pw-Xq81zz" not in text and "tok-Lm42yy" not in text, text
+
+
+def test_journal_appends_are_fsynced_without_waiting_for_close(tmp_path, monkeypatch):
+    """Fails without the fix: appends were flushed, never fsynced, so a power cut could lose them."""
+    synced, fsync = set(), os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.fstat(fd).st_ino), fsync(fd))[1])
+    journal = tracking_journal.Journal(tmp_path)
+    journal.append_metrics([{"step": 0, "key": "a", "value": 1.0, "timestamp": 1}])
+    journal.append_event("tags", data={"a": "b"})
+    files = {(tmp_path / name).stat().st_ino for name in ("metrics.jsonl", "tracking_events.jsonl")}
+    deadline = time.monotonic() + 10
+    while not files <= synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert files <= synced
+    journal.close()
+
+
+def test_a_run_on_the_default_store_leaves_the_checkout_clean(tmp_path, monkeypatch):
+    """Fails without the fix: the sqlite schema lock `mlflow.db.lock` beside ./mlflow.db was not ignored by git."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", tmp_path / ".gitignore")
+    monkeypatch.chdir(tmp_path)
+    tracker = start_tracker(tracking_cfg(), "runs/r", rank=0, run_name="r")
+    tracker.log_metrics({"train/loss": 1.0}, 0)
+    tracker.close()
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.iterdir()} - {".git", ".gitignore", "runs"}
+    assert written <= {"mlflow.db", "mlflow.db.lock", "mlartifacts"}  # beside the database, or in the run's dir
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert status == ["?? .gitignore"]
+
+
+class RefusingClient:
+    """log_batch refuses metric keys starting with "bad" for good, and fails for a while on "down"."""
+
+    def __init__(self) -> None:
+        self.logged, self.down = [], True
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        if any(m.key.startswith("bad") for m in metrics):
+            raise MlflowException("invalid key", error_code=INVALID_PARAMETER_VALUE)
+        if self.down and any(m.key == "down" for m in metrics):
+            raise ConnectionError("server down")
+        self.logged += [m.key for m in metrics]
+
+
+def test_send_records_drops_only_refused_items_and_keeps_the_unsent_through_an_outage():
+    from mlflow.entities import Metric
+
+    client, keys = RefusingClient(), ["a", "bad1", "b", "down", "c", "bad2"]
+    items = [Metric(key, 1.0, 0, 0) for key in keys]
+    with pytest.raises(ConnectionError):
+        send_records(client, "run", "metrics", items, [])
+    assert client.logged == ["a", "b"] and [m.key for m in items] == ["down", "c", "bad2"]
+    client.down = False
+    assert send_records(client, "run", "metrics", items, []) == 1
+    assert client.logged == ["a", "b", "down", "c"] and items == []
+
+
+def test_importing_tracking_imports_no_mlflow():
+    code = "import sys, pipeline.tracking, pipeline.tracking.__main__; assert 'mlflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)
+
+
+def _pipeline_imports() -> dict[str, set[str]]:
+    """Module -> the pipeline modules it imports, at any depth of the file (imports inside functions too)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (root / "pipeline").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [node.module or ""]
+                                ).strip(".") if node.level else node.module
+                found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        graph[name] = {module for module in found if module in files and module != name}
+    return graph
+
+
+def test_the_tracking_package_is_in_no_import_cycle():
+    graph = _pipeline_imports()
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for module in graph[todo.pop()] - seen:
+                seen.add(module)
+                todo.append(module)
+        return seen
+
+    assert {"pipeline.tracking.sender", "pipeline.tracking.sync"} <= reachable("pipeline.tracking")
+    cycles = [name for name in graph if name.startswith("pipeline.tracking") and name in reachable(name)]
+    assert cycles == []

@@ -17,10 +17,11 @@ import pytest
 from test_tracking import (  # noqa: F401  (the autouse fixture applies here too)
     _no_ambient_tracking_uri, free_port, sqlite_uri, steps_in_run, tracking_cfg)
 
-from pipeline import tracking_journal
-from pipeline.tracking import MlflowTracker, main, start_tracker
-from pipeline.tracking_sender import RunTarget
-from pipeline.tracking_sync import sync_run
+from pipeline.tracking import journal as tracking_journal
+from pipeline.tracking import MlflowTracker, start_tracker
+from pipeline.tracking.__main__ import main
+from pipeline.tracking import RunTarget
+from pipeline.tracking.sync import sync_run
 
 MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
 
@@ -90,7 +91,7 @@ def test_a_hanging_server_never_blocks_logging_and_close_is_bounded(tmp_path):
     assert time.monotonic() - started < 2.0
     client.release.set()
     assert tracking_journal.read_run_info(tmp_path)["unsent_at_close"] == 200
-    assert len(tracking_journal.read_metrics(tmp_path)) == 200
+    assert len(tracking_journal.read_records(tmp_path)) == 200
 
 
 def test_sync_sends_what_a_down_server_never_got(tmp_path):
@@ -205,7 +206,7 @@ def test_server_outage_mid_run_loses_no_metric(tmp_path):
         server.stop()
         log_steps(range(10, 40))  # the server is down: training goes on
         time.sleep(1.5)  # let the sender hit the outage a few times
-        assert tracker.sender.unsent() > 0
+        assert tracker.unsent() > 0
         server.start()
         log_steps(range(40, 50))
         tracker.close()

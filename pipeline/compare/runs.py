@@ -7,12 +7,12 @@ imported by the caller (the client is passed in), so this module loads fast and 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from pipeline.compare.methods import MASK_ACCURACY, MASK_ACCURACY_REF, THROUGHPUT_KEYS
 from pipeline.compare.stats import EvalPoint, RunData
+from pipeline.tracking import resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ SERIES_KEYS = ("time/step_s", "select/scoring_share", "probe/spearman", "probe/t
 
 
 def tracking_uri(cli_uri: str | None) -> str:
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd()}/mlflow.db"
+    return resolve_uri(cli_uri or "")  # the store the training runs log to by default
 
 
 def is_training_run(tags: dict[str, str]) -> bool:
