@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from pipeline import checkpoint, preflight
-from pipeline.config import Config, ConfigError, candidates_per_micro_step, exit_layer_run, flatten, to_dict
+from pipeline.config import Config, ConfigError, candidates_per_micro_step, exit_layer_run, flatten
 from pipeline.data import DataFaults, eval_batches, micro_steps_per_epoch, train_loader
 from pipeline.distributed import DistInfo, all_reduce_sum
 from pipeline.ds_config import REPO_ROOT, build_ds_config, zero_stage
@@ -36,7 +36,7 @@ from pipeline.masking import mask_spec
 from pipeline.model import build_model, num_parameters
 from pipeline.progress import Progress
 from pipeline.reference import context_free_reference, train_unigram_counts
-from pipeline.run_identity import run_record
+from pipeline.run_identity import public_config, run_record
 from pipeline.sift.hook import Selector
 from pipeline.step import StepMetrics, window_metrics
 from pipeline.tracking import NullTracker, Tracker, saved_run_id, start_tracker
@@ -223,7 +223,7 @@ class Run:
 
     def _log_start(self, ds_config: dict) -> None:
         cfg, info, manifest, tracker = self.cfg, self.info, self.manifest, self.tracker
-        resolved = to_dict(cfg)
+        resolved = public_config(cfg)  # no credentials in config.json or MLflow
         if info.is_main:
             (self.out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
             (self.out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))

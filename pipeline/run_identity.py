@@ -32,8 +32,16 @@ def data_identity(manifest: Manifest) -> dict[str, Any]:
             "shards_sha256": digest}
 
 
+def public_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as it may be written anywhere (config.json, checkpoints, MLflow): credentials
+    in URLs (tracking.uri's user:password@, token=...) and secret-named values redacted."""
+    from pipeline.tracking.scrub import known_secrets, scrub_obj
+
+    return scrub_obj(to_dict(cfg), known_secrets(cfg.tracking.uri))
+
+
 def run_record(cfg: Config, manifest: Manifest) -> dict[str, Any]:
-    return {"config": to_dict(cfg), "data": data_identity(manifest)}
+    return {"config": public_config(cfg), "data": data_identity(manifest)}
 
 
 def _safe(key: str) -> bool:

@@ -163,3 +163,22 @@ def test_a_truncated_validation_shard_is_exit_2_before_any_mlflow_run(tiny_data,
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert str(val) in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "mlflow_run.json").exists()
+
+
+# -- item 8: no secret in anything a run writes ------------------------------------------------------
+
+def test_credentials_in_the_tracking_uri_reach_no_file_and_no_log(tiny_data, tmp_path, dist_info, caplog):
+    """Before: tracking.uri was logged in plaintext as an MLflow param, in the journal and in
+    config.json. The server is down here (a closed port): the run trains on and journals."""
+    secret = "s3cretPass9"
+    cfg = tiny_config(tiny_data, tmp_path, "train.max_steps=2", "train.export=false", "tracking.retry_seconds=0.2",
+                      f"tracking.uri=http://alice:{secret}@127.0.0.1:9/?token=tok{secret}")
+    with caplog.at_level("INFO"):
+        _train(cfg, dist_info)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".txt")]
+    assert any(p.name == "config.json" for p in written) and any(p.name == "run.json" for p in written)
+    for path in written:
+        assert secret not in path.read_text(errors="ignore"), path
+    assert secret not in caplog.text
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tracking"]["uri"].startswith("http://alice:REDACTED@127.0.0.1:9/")
