@@ -1,23 +1,27 @@
-"""Time-to-accuracy study (issue 7): every selection policy under the same training-time budget.
+"""Time-to-accuracy study: every selection policy under the same training-time budget, past the plateau.
 
-    python benchmarks/study.py --experiment study-cpu --budget 180 --seeds 0 1 \
-        --policies vanilla random sift@1 sift@2 exact selective_backprop [--warm-seconds 900]
+    python benchmarks/study.py --experiment study --budget 300 --seeds 0 1 2 --warm-x 3 \
+        --policies vanilla random sift@1 sift@2 exact selective_backprop sift_mask@1 [--scratch --start-x 3]
+
+First the eval set's context-free reference (pipeline/reference.py: the most frequent token's accuracy
+at the [MASK] positions) is computed; targets are multiples of it. With `--warm-x X` a vanilla run is
+trained once (cached in <out>/warm, --warm-threads threads, constant LR) until eval/mask_accuracy
+reaches X times the reference, and every arm starts from its weights (`train.init_from`) into the
+experiment `<experiment>-warm`. With `--scratch` every arm also runs from scratch into `<experiment>`,
+selection starting when eval/mask_accuracy first reaches `--start-x` times the reference
+(select.start_at_mask_accuracy; before that a policy trains the first m of its candidates).
 
 Per seed (a "round") the policies run in an order shuffled with that seed, `--parallel` at a time
 (each with `--threads` torch threads), so machine drift spreads over all policies instead of
 landing on one. Every run gets the same recipe (the YAML config plus `--set`), the same data and
 the same `train.max_seconds`; they differ only in select.policy / select.exit_layer and the seed.
+After the runs, `python -m pipeline.compare --metric eval/mask_accuracy --target auto` is called on
+each experiment (per method: intervals over seeds, a test against vanilla, the regime), and a
+diagnostics table and plot are written from the runs' journals.
 
-With `--warm-seconds S` a vanilla run of S training seconds is trained once (cached in
-<out>/warm; reused while its COMPLETE checkpoint exists) and every arm is run a second time from it
-(`train.init_from`, module weights only) into the experiment `<experiment>-warm`.
-From-scratch arms go into `<experiment>` itself. After the runs, `python -m pipeline.compare
---metric eval/mask_accuracy --target auto` is called on each experiment (per method: intervals over
-seeds, a test against vanilla, the regime), and a diagnostics table and plot are written from the
-runs' local journals (kept vs pool unigram cross-entropy, distinct predictions, probe quality).
-
-Outputs under --out: runs/<experiment>/<policy>-s<seed>/ (each run dir), schedule.jsonl (start,
-end, load average of every run), compare/<experiment>/ (table + plots), diagnostics.md/.json/.png.
+Outputs under --out: reference.json, warm/, runs/<experiment>/<method>-s<seed>/ (each run dir),
+schedule.jsonl (start, end, load average of every run), compare/<experiment>/ (table + plots),
+diagnostics.md/.json/.png.
 """
 from __future__ import annotations
 
@@ -74,8 +78,8 @@ def train_command(args: argparse.Namespace, out_dir: Path, experiment: str, meth
             *[item for s in sets for item in ("--set", s)]]
 
 
-def start_jobs(jobs: list[tuple[str, list[str], Path]], round_: int) -> list:
-    env = {**os.environ, "OMP_NUM_THREADS": str(1), "TOKENIZERS_PARALLELISM": "false"}
+def start_jobs(jobs: list[tuple[str, list[str], Path]], round_: int, threads: int = 1) -> list:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     started = []
     for name, cmd, out_dir in jobs:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,27 +132,42 @@ def _finished(out_dir: Path) -> bool:
     return info.get("status") == "FINISHED"
 
 
-def warm_done(args: argparse.Namespace) -> bool:
+def context_free_reference(data: Path, config: Path, overrides: list[str]) -> dict[str, float]:
+    """The eval set's context-free reference (pipeline/reference.py), as every run of the study logs it."""
+    from pipeline.config import load_config
+    from pipeline.data import eval_batches
+    from pipeline.distributed import DistInfo
+    from pipeline.manifest import Manifest
+    from pipeline.masking import mask_spec
+    from pipeline.reference import context_free_reference as reference, train_unigram_counts
+
+    cfg = load_config(str(config), [f"data.dir={data}", *overrides])
+    manifest = Manifest.load(str(data))
+    spec = mask_spec(cfg.data, manifest)
+    batches = eval_batches(manifest, spec, samples=cfg.data.eval_samples, batch=cfg.train.micro_batch, rank=0, world=1)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=__import__("torch").device("cpu"))
+    return reference(train_unigram_counts(manifest), batches, spec.mask_id, info)
+
+
+def warm_start(args: argparse.Namespace, target: float) -> Path:
+    """The shared vanilla warm start, trained once (cached in <out>/warm) until eval/mask_accuracy
+    reaches `target` (--warm-x times the reference), on --warm-threads threads, at a constant LR."""
     warm = args.out / "warm"
-    return any((warm / "checkpoints").glob("step*/COMPLETE")) and (warm / "WARM_DONE").is_file()
-
-
-def start_warm(args: argparse.Namespace) -> list:
-    """Start the shared vanilla warm start (trained once, cached in <out>/warm)."""
-    warm = args.out / "warm"
-    print(f"== warm start: vanilla for {args.warm_seconds:.0f} s of training into {warm}", flush=True)
-    cmd = train_command(args, warm, f"{args.experiment}-warmstart", "vanilla", 0, args.warm_seconds,
-                        [f"train.threads={args.warm_threads}", "train.ckpt_every=300", "train.keep_checkpoints=1",
-                         f"train.eval_every={args.warm_eval_every}"])
-    return start_jobs([("warmstart/vanilla-s0", cmd, warm)], -1)
-
-
-def finish_warm(args: argparse.Namespace, started: list) -> None:
-    warm = args.out / "warm"
+    if (warm / "WARM_DONE").is_file():
+        print(f"== warm start: reusing {warm}", flush=True)
+        return warm
+    print(f"== warm start: vanilla until eval/mask_accuracy >= {target:.4f} (at most {args.warm_max_seconds:.0f} s)"
+          f" into {warm}", flush=True)
+    cmd = train_command(args, warm, f"{args.experiment}-warmstart", "vanilla", 0, args.warm_max_seconds,
+                        [f"train.threads={args.warm_threads}", f"train.target_mask_accuracy={target}",
+                         "train.schedule=steps", "train.min_lr_ratio=1.0", "train.eval_every_s=10",
+                         "train.ckpt_every=0", "select.probe_every=0"])
+    started = start_jobs([("warmstart/vanilla-s0", cmd, warm)], -1, args.warm_threads)
     wait_jobs(started, args.out / "schedule.jsonl")
     if started[0][2]["returncode"] != 0:
         raise SystemExit(f"the warm start failed; see {warm}/train.log")
-    (warm / "WARM_DONE").write_text(json.dumps({"seconds": args.warm_seconds}))
+    (warm / "WARM_DONE").write_text(json.dumps({"target_mask_accuracy": target}))
+    return warm
 
 
 def compare(args: argparse.Namespace, experiment: str) -> Path:
@@ -168,21 +187,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=4096, help="for building --data when it is missing")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "study")
     p.add_argument("--budget", type=float, default=180.0, help="training seconds per run (train.max_seconds)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--policies", nargs="+",
-                   default=["vanilla", "random", "sift@1", "sift@2", "exact", "selective_backprop"],
+                   default=["vanilla", "random", "sift@1", "sift@2", "exact", "selective_backprop", "sift_mask@1"],
                    help="'policy' or 'sift@K' (exit layer K)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (same round only)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--warm-seconds", type=float, default=0.0, help="0 = no warm-start arms")
-    p.add_argument("--warm-threads", type=int, default=2)
-    p.add_argument("--warm-only", action="store_true", help="only the warm-start arms")
-    p.add_argument("--warm-budget", type=float, default=None,
-                   help="training seconds per warm-start arm (default: --budget)")
-    p.add_argument("--warm-eval-every", type=int, default=100, help="eval interval (steps) of the warm start")
-    p.add_argument("--warm-beside-scratch", action="store_true",
-                   help="train the warm start (--warm-threads, use 1) on one core while the from-scratch arms "
-                        "run one at a time on the other; then the warm arms run --parallel at a time")
+    p.add_argument("--warm-x", type=float, default=0.0,
+                   help="> 0: a vanilla warm start trained until eval/mask_accuracy >= X times the context-free "
+                        "reference, and every arm run again from it (experiment <experiment>-warm)")
+    p.add_argument("--warm-max-seconds", type=float, default=1800.0, help="the warm start's safety budget")
+    p.add_argument("--warm-threads", type=int, default=2, help="threads of the warm start (it runs alone)")
+    p.add_argument("--warm-budget", type=float, default=None, help="seconds per warm arm (default: --budget)")
+    p.add_argument("--scratch", action="store_true", help="the arms from scratch too (experiment <experiment>)")
+    p.add_argument("--start-x", type=float, default=0.0,
+                   help="> 0: from-scratch arms start selecting when eval/mask_accuracy first reaches X times the "
+                        "reference (select.start_at_mask_accuracy)")
     p.add_argument("--metric", default=MASK_ACCURACY, choices=METRICS,
                    help="eval metric of the target, passed to pipeline.compare: [MASK] positions alone (default; "
                         "no credit for copying the kept tokens) or all masked positions")
@@ -201,25 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _init_store()
     ensure_data(args.data, args.seq_len, args.vocab_size, args.out / "corpus")
-    print(f"study {args.experiment}: {args.policies} x seeds {args.seeds}, {args.budget:.0f} s each, "
-          f"{args.parallel} at a time x {args.threads} thread(s); MLflow {os.environ['MLFLOW_TRACKING_URI']}")
+    reference = context_free_reference(args.data, args.config, args.set)
+    (args.out / "reference.json").write_text(json.dumps(reference))
+    ref = reference["eval/mask_accuracy_ref"]
+    print(f"study {args.experiment}: {args.policies} x seeds {args.seeds}, {args.parallel} at a time x "
+          f"{args.threads} thread(s); context-free reference {ref:.4f}; MLflow {os.environ['MLFLOW_TRACKING_URI']}")
     experiments = []
-    warm_job = None
-    if args.warm_seconds > 0 and not warm_done(args):
-        warm_job = start_warm(args) if args.warm_beside_scratch and not args.warm_only else None
-        if warm_job:
-            print("== the warm start trains beside the from-scratch arms: one core each", flush=True)
-    if not args.warm_only:
-        run_arms(args, args.experiment, [], 1 if warm_job else args.parallel, args.budget)
-        experiments.append(args.experiment)
-    if args.warm_seconds > 0:
-        if warm_done(args):
-            print(f"== warm start: reusing {args.out / 'warm'}", flush=True)
-        else:
-            finish_warm(args, warm_job or start_warm(args))
-        run_arms(args, f"{args.experiment}-warm", [f"train.init_from={args.out / 'warm'}"], args.parallel,
+    if args.warm_x > 0:
+        warm = warm_start(args, args.warm_x * ref)
+        run_arms(args, f"{args.experiment}-warm", [f"train.init_from={warm}"], args.parallel,
                  args.warm_budget or args.budget)
         experiments.append(f"{args.experiment}-warm")
+    if args.scratch:
+        start = [f"select.start_at_mask_accuracy={args.start_x * ref}"] if args.start_x > 0 else []
+        run_arms(args, args.experiment, start, args.parallel, args.budget)
+        experiments.append(args.experiment)
     for experiment in experiments:
         out = compare(args, experiment)
         print(f"comparison and diagnostics for {experiment}: {out}")

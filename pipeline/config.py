@@ -82,7 +82,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_steps: int = 1000
     max_seconds: float = 0.0  # wall-clock budget of training time; 0 = none
-    target_accuracy: float = 0.0  # stop when eval accuracy reaches it; 0 = never
+    target_accuracy: float = 0.0  # stop when eval/accuracy reaches it; 0 = never
+    target_mask_accuracy: float = 0.0  # stop when eval/mask_accuracy (at [MASK] positions) reaches it; 0 = never
     eval_every: int = 200
     eval_every_s: float = 0.0  # also evaluate each time this much training time has passed; 0 = off
     log_every: int = 10
@@ -287,6 +288,7 @@ def validate(cfg: Config) -> None:
     _check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     _check(t.max_seconds >= 0, "train.max_seconds", "must be >= 0 (0 = no budget)")
     _check(0.0 <= t.target_accuracy <= 1.0, "train.target_accuracy", "must be in [0, 1] (0 = none)")
+    _check(0.0 <= t.target_mask_accuracy <= 1.0, "train.target_mask_accuracy", "must be in [0, 1] (0 = none)")
     for name in ("eval_every", "log_every"):
         _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1")
     _check(t.eval_every_s >= 0, "train.eval_every_s", "must be >= 0 (0 = by steps only)")

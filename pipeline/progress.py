@@ -21,6 +21,8 @@ class Progress:
     nonfinite_in_a_row: int = 0
     skipped_corrupt: int = 0  # corrupt samples skipped, all ranks (as of the last checkpoint)
     last_eval_train_s: float = 0.0  # training time at the last eval (for train.eval_every_s)
+    last_accuracy: float = 0.0  # eval/accuracy and eval/mask_accuracy at the last eval (targets are checked on them)
+    last_mask_accuracy: float = 0.0
     mlflow_run_id: str = ""
 
 

@@ -119,7 +119,15 @@ class Run:
             return f"step {p.step} of train.max_steps={t.max_steps}"
         if 0 < t.max_seconds <= p.train_time_s:
             return f"{p.train_time_s:.0f} s of training of train.max_seconds={t.max_seconds:g}"
+        if self.target_reached():
+            return f"its target was reached (eval/accuracy {p.last_accuracy:.4f}, eval/mask_accuracy " \
+                   f"{p.last_mask_accuracy:.4f})"
         return ""
+
+    def target_reached(self) -> bool:
+        """train.target_accuracy / train.target_mask_accuracy, on the last eval."""
+        p, t = self.progress, self.cfg.train
+        return 0 < t.target_accuracy <= p.last_accuracy or 0 < t.target_mask_accuracy <= p.last_mask_accuracy
 
     def clock(self) -> float:
         """Wall-clock seconds of this run, across resumes."""
@@ -156,6 +164,7 @@ class Run:
         p = self.progress
         p.last_eval_train_s = p.train_time_s
         metrics = evaluate(self.engine, self.val, self.info, self.manifest.vocab_size, self.spec.mask_id)
+        p.last_accuracy, p.last_mask_accuracy = metrics["eval/accuracy"], metrics["eval/mask_accuracy"]
         self.tracker.log_metrics({**metrics, "eval/train_time_s": p.train_time_s,
                                   "eval/samples_backpropagated": p.samples_backprop,
                                   "eval/samples_seen": p.samples_seen, "eval/wall_clock_s": self.clock()}, p.step)

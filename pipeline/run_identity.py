@@ -15,7 +15,8 @@ from pipeline.manifest import Manifest
 
 RUN_FILE = "run.json"
 SAFE_TO_CHANGE = (  # keys (or key prefixes ending in ".") a resumed run may change
-    "train.max_steps", "train.max_seconds", "train.target_accuracy", "train.eval_every", "train.eval_every_s",
+    "train.max_steps", "train.max_seconds", "train.target_accuracy", "train.target_mask_accuracy",
+    "train.eval_every", "train.eval_every_s",
     "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.max_nonfinite_in_a_row",
     "train.threads", "train.export", "train.record_keys", "train.resume", "train.init_from", "train.out_dir",
     "data.num_workers", "data.strict", "data.dir", "select.probe_every", "tracking.",

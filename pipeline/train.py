@@ -63,7 +63,7 @@ def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
                 if p.step % t.eval_every == 0 or last or stopping or eval_time_due:
                     last_eval = run.evaluate()
                     run.start_selection_if_due(last_eval)  # select.start_at_mask_accuracy
-                    reached = 0 < t.target_accuracy <= last_eval["eval/accuracy"]
+                    reached = run.target_reached()
                     stopping = stopping or reached
                 if stopping or last or (t.ckpt_every and p.step % t.ckpt_every == 0):
                     run.save()
