@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -28,8 +29,28 @@ def parse_args(argv: list[str] | None, description: str | None) -> argparse.Name
     parser.add_argument("--config", help="YAML or JSON run config (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, repeatable: --set train.lr=5e-4 --set select.policy=sift")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its newest complete checkpoint (same as --set "
+                             "train.out_dir=RUN_DIR, but an error when there is nothing to resume)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config, each key with its meaning, and exit (docs/CONFIG.md)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def resume_overrides(run_dir: str | None) -> list[str]:
+    """--resume RUN_DIR: the run directory, which must hold a checkpoint to resume."""
+    if run_dir is None:
+        return []
+    from pathlib import Path
+
+    from pipeline.checkpoint import complete_tags
+    from pipeline.errors import ConfigError
+
+    if not complete_tags(Path(run_dir) / "checkpoints"):
+        raise ConfigError(f"nothing to resume: {run_dir} holds no complete checkpoint", "--resume",
+                          "pass the directory of a run that saved a checkpoint (train.out_dir), or start a new run")
+    return [f"train.out_dir={run_dir}", "train.resume=true"]
 
 
 def setup_logging(rank: int) -> None:
@@ -50,14 +71,21 @@ def error_line(err: BaseException) -> str:
 def run_cli(train: Callable, argv: list[str] | None = None) -> int:
     stop = StopFlag()  # first: a preemption signal during start-up is remembered
     args = parse_args(argv, sys.modules[train.__module__].__doc__)
-    from pipeline.errors import EXIT_BAD_INPUT, EXIT_GUARD, InputError
-    from pipeline.guards import NonFiniteStop
+    from pipeline.errors import EXIT_BAD_INPUT, EXIT_GUARD, InputError, NonFiniteStop
 
     distributed = None
     try:
         from pipeline.config import load_config
 
-        cfg = load_config(args.config, args.set)  # every config error surfaces before any compute
+        cfg = load_config(args.config, args.set + resume_overrides(args.resume))  # every config error, before compute
+        if args.print_config:
+            from pipeline.config_help import describe
+
+            try:
+                print(describe(cfg), flush=True)
+            except BrokenPipeError:  # `--print-config | head`
+                sys.stdout = open(os.devnull, "w")
+            return 0
         import torch
 
         from pipeline import distributed

@@ -36,12 +36,12 @@ ARCHES = ("bert", "modernbert")
 class ModelConfig:
     arch: str = "bert"  # bert (learned absolute positions, post-LN) | modernbert (rotary, pre-norm, GLU); pipeline/model.py
     preset: str = "mini"  # tiny | mini | base | large (sizes in PRESETS)
-    num_layers: int = 0  # 0 = the preset's value; likewise below
-    hidden_size: int = 0
-    num_heads: int = 0
-    intermediate_size: int = 0
-    max_position: int = 0  # 0 = the data's seq_len
-    dropout: float = 0.1
+    num_layers: int = 0  # transformer blocks; 0 = the preset's value (likewise the next three keys)
+    hidden_size: int = 0  # width of the hidden states; 0 = the preset's
+    num_heads: int = 0  # attention heads; 0 = the preset's
+    intermediate_size: int = 0  # the MLP's inner width; 0 = the preset's
+    max_position: int = 0  # longest sequence the model takes; 0 = the data's seq_len
+    dropout: float = 0.1  # dropout in embeddings, attention and MLP (0 for short CPU runs)
     pre_layernorm: bool = False  # bert only, True: pre-LN wiring (pipeline/prenorm.py); not exportable as HF BERT
     positions: str = "learned"  # bert only: learned (absolute, as BERT) | rotary (pipeline/rotary.py); not exportable
 
@@ -56,10 +56,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dir: str = "data/demo"  # a data_prep output directory
-    mask_prob: float = 0.15
+    mask_prob: float = 0.15  # share of the non-special tokens chosen for prediction
     mask_share: float = 0.8  # of the masked tokens: [MASK] in the input (BERT: 0.8)
     random_share: float = 0.1  # ... a random token (BERT: 0.1); the rest stay as they are
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # samples in the streaming shuffle buffer
     num_workers: int = 0  # DataLoader workers per rank
     eval_samples: int = 512  # fixed-mask validation samples (all ranks together)
     strict: bool = False  # True: a corrupt or changed shard stops training; False: skip it, count it
@@ -68,29 +68,29 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/demo"
-    ds_configs: list[str] = field(default_factory=lambda: ["ds_configs/base.json"])
+    out_dir: str = ""  # the run directory; "" = a new runs/<run name>-<time>; an existing one is resumed
+    ds_configs: list[str] = field(default_factory=lambda: ["ds_configs/base.json"])  # DeepSpeed JSONs, merged in order
     micro_batch: int = 16  # m: samples backpropagated per rank per micro-step
-    grad_accum: int = 1
-    lr: float = 5e-4
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 5e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # the LR decays to lr * min_lr_ratio at the end of the budget
     schedule: str = "auto"  # steps | time | auto (time when max_seconds is set): pipeline/schedule.py
     lr_decay: str = "cosine"  # cosine | linear
     warmup_steps: int = 100  # the steps schedule's warmup
     warmup_fraction: float = 0.05  # the time schedule's warmup: this fraction of max_seconds
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_steps: int = 1000
-    max_seconds: float = 0.0  # wall-clock budget of training time; 0 = none
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient clipping by global norm
+    max_steps: int = 1000  # optimizer steps; the run stops at the first of max_steps, max_seconds, a target
+    max_seconds: float = 0.0  # budget of training time in seconds (eval and checkpoints not counted); 0 = none
     target_accuracy: float = 0.0  # stop when eval/accuracy reaches it; 0 = never
     target_mask_accuracy: float = 0.0  # stop when eval/mask_accuracy (at [MASK] positions) reaches it; 0 = never
-    eval_every: int = 200
+    eval_every: int = 200  # evaluate every n optimizer steps
     eval_every_s: float = 0.0  # also evaluate each time this much training time has passed; 0 = off
-    log_every: int = 10
+    log_every: int = 10  # log a window of step metrics every n steps
     ckpt_every: int = 200  # 0 = only at the end
-    keep_checkpoints: int = 2
-    max_nonfinite_in_a_row: int = 5
-    seed: int = 0
+    keep_checkpoints: int = 2  # complete checkpoints kept (older ones are deleted)
+    max_nonfinite_in_a_row: int = 5  # non-finite losses in a row that stop the run (exit 3)
+    seed: int = 0  # weights, data order, masking and selection all follow it
     threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
     device: str = "auto"  # auto | cpu | cuda; auto: cuda when usable, and an error when GPUs were asked for but none works
     resume: bool = True  # resume from the newest complete checkpoint in out_dir
@@ -115,12 +115,12 @@ class SelectConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # log to MLflow (rank 0); the journal in out_dir is written either way
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "sift-pretrain"
-    artifact_location: str = ""
+    experiment: str = "sift-pretrain"  # the MLflow experiment: name one per study, compare by it
+    artifact_location: str = ""  # where a new experiment keeps artifacts; "" = beside a sqlite store, else the server's
     run_name: str = ""  # "" = derived from policy, exit layer, preset, seed
-    retry_seconds: float = 5.0
+    retry_seconds: float = 5.0  # how often a down MLflow server is tried again
 
 
 @dataclass

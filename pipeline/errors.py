@@ -30,6 +30,11 @@ class DataError(InputError):
     """The shard directory is missing, incomplete, damaged or does not match the model."""
 
 
+class NonFiniteStop(FloatingPointError):
+    """A guard stopped the run (exit 3): non-finite losses in a row, or non-finite weights before a
+    checkpoint (pipeline/guards.py). The newest complete checkpoint is intact."""
+
+
 def set_key(key: str, example: str | None = None) -> str:
     """The usual fix for a bad config value."""
     return f"set {key} in the config file or with --set {key}=" + (example or "<value>")

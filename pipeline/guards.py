@@ -11,13 +11,10 @@ import logging
 import torch
 
 from pipeline.distributed import DistInfo, all_reduce_max
+from pipeline.errors import NonFiniteStop
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteStop(FloatingPointError):
-    """Too many non-finite losses in a row: the run stops; the newest complete checkpoint is intact."""
 
 
 def check_finite(loss: torch.Tensor, info: DistInfo, progress: Progress, max_in_a_row: int) -> bool:

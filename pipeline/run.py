@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import subprocess
 import tempfile
 import time
@@ -39,7 +40,9 @@ from pipeline.reference import context_free_reference, train_unigram_counts
 from pipeline.run_identity import public_config, run_record
 from pipeline.sift.hook import Selector
 from pipeline.step import StepMetrics, window_metrics
-from pipeline.tracking import NullTracker, Tracker, saved_run_id, start_tracker
+from pipeline.summary import summary
+from pipeline.tracking import NullTracker, Tracker, resolve_uri, saved_run_id, start_tracker
+from pipeline.tracking.scrub import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class Run:
         """Check every input, build the engine, resume the newest complete checkpoint, start tracking."""
         import deepspeed
 
+        cfg.train.out_dir = cfg.train.out_dir or new_run_dir(cfg, info)
         manifest = Manifest.load(cfg.data.dir)
         changes = preflight.check_run(cfg, info.world_size, manifest)  # every input checked before the heavy work
         out_dir = _writable_dir(Path(cfg.train.out_dir))
@@ -88,10 +92,12 @@ class Run:
         if not resumed:
             run._log_start(ds_config)
             run.reference = context_free_reference(train_unigram_counts(manifest), run.val, run.spec.mask_id, info)
+            run.progress.mask_accuracy_ref = run.reference["eval/mask_accuracy_ref"]
             run.tracker.log_metrics(run.reference, run.progress.step)
             log.info("context-free reference at the eval [MASK] positions: accuracy %.4f (the most frequent "
                      "token), unigram cross-entropy %.3f", run.reference["eval/mask_accuracy_ref"],
                      run.reference["eval/unigram_ce"])
+        log.info("run directory %s (the same command with --resume %s continues it)", out_dir, out_dir)
         log.info("model %s: %.2fM parameters, ZeRO stage %d, %d ranks", cfg.model.preset,
                  num_parameters(engine.module) / 1e6, zero_stage(ds_config), info.world_size)
         return run
@@ -217,6 +223,16 @@ class Run:
             self.tracker.set_tags({"export_dir": str(export_dir)})
         self.close("FINISHED")
 
+    def summary(self, reason: str, last_eval: dict[str, float]) -> str:
+        """The end-of-run block (pipeline/summary.py)."""
+        tags = checkpoint.complete_tags(self.out_dir / "checkpoints")
+        export_dir = self.out_dir / "export"
+        return summary(reason, self.progress, last_eval, self.progress.mask_accuracy_ref,
+                       str(self.out_dir / "checkpoints" / tags[-1]) if tags else "",
+                       str(export_dir) if export_dir.is_dir() else "", self.progress.mlflow_run_id,
+                       self.cfg.tracking.experiment, redact_url(resolve_uri(self.cfg.tracking.uri), drop_userinfo=True)
+                       if self.cfg.tracking.enabled else "")
+
     def close(self, status: str) -> None:
         """End the MLflow run with `status` (FINISHED, KILLED, FAILED); idempotent."""
         if not self._closed:
@@ -258,6 +274,17 @@ def run_name(cfg: Config) -> str:
     s = cfg.select
     policy = f"sift@{s.exit_layer}" if s.policy == "sift" else s.policy
     return f"{policy}-{cfg.model.preset}-s{cfg.train.seed}"
+
+
+def new_run_dir(cfg: Config, info: DistInfo) -> str:
+    """A fresh `runs/<run name>-<time>-<4 hex>` for a run given no train.out_dir, the same on every rank
+    (rank 0 names it): two runs never share a directory by accident, so never an MLflow run."""
+    name = [f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"]
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
 
 
 def git_commit() -> str:

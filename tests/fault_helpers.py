@@ -98,7 +98,7 @@ def run_ok(cmd: list[str], log: Path | None = None, **env: str) -> str:
     if log is not None:
         log.write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
-    return result.stderr
+    return result.stderr + result.stdout  # the logs, then the end-of-run summary
 
 
 def signal_when(cmd: list[str], ready, sig: int, log: Path, timeout: float = 180, group: bool = False,

@@ -1,5 +1,5 @@
-"""Tests for pipeline.compare: the arithmetic on hand-made curves, then the whole command on
-hand-made MLflow runs in a temporary sqlite store (known curves -> known times to target)."""
+"""The whole `pipeline.compare` command on hand-made MLflow runs in a temporary sqlite store (known
+curves -> known times to target). The arithmetic alone: tests/test_compare_stats.py."""
 from __future__ import annotations
 
 import json
@@ -7,15 +7,8 @@ import time
 
 import pytest
 
-from pipeline.compare.cli import main, resolve_target
-from pipeline.compare.methods import group_rows, run_row
-from pipeline.compare.plots import group_labels, run_styles
-from pipeline.compare.report import runs_table
-from pipeline.compare.runs import latest_per_step, tracking_uri
-from pipeline.compare.stats import (
-    EvalPoint, RunData, accuracy_at_time, auto_target, first_reaching, samples_to_target, spread,
-    time_to_target,
-)
+from pipeline.compare.cli import main
+from pipeline.compare.stats import EvalPoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,116 +18,6 @@ def curve(accs, times, samples=None, first_step=100):
     samples = samples or [None] * len(accs)
     return [EvalPoint(first_step * (i + 1), a, t, s)
             for i, (a, t, s) in enumerate(zip(accs, times, samples))]
-
-
-# ----------------------------------------------------------------------------- pure functions
-def test_time_to_target_is_the_first_eval_at_or_above_target():
-    evals = curve([0.10, 0.30, 0.50, 0.45, 0.60], [10.0, 20.0, 30.0, 40.0, 50.0],
-                  [320, 640, 960, 1280, 1600])
-    assert time_to_target(evals, 0.50) == 30.0          # equal counts as reached
-    assert time_to_target(evals, 0.45) == 30.0          # the first crossing, not the later 0.45
-    assert time_to_target(evals, 0.55) == 50.0          # the dip at 0.45 does not count
-    assert time_to_target(evals, 0.05) == 10.0
-    assert samples_to_target(evals, 0.50) == 960
-    assert time_to_target(list(reversed(evals)), 0.45) == 30.0   # step order, not list order
-
-
-def test_target_never_reached_is_none_and_not_interpolated():
-    evals = curve([0.10, 0.30, 0.399], [10.0, 20.0, 30.0], [1, 2, 3])
-    assert first_reaching(evals, 0.40) is None
-    assert time_to_target(evals, 0.40) is None
-    assert samples_to_target(evals, 0.40) is None
-    assert time_to_target([], 0.1) is None
-    row = run_row(RunData("r1", "sift-a", "0", policy="sift", exit_layer="1", seed="0",
-                          evals=evals), 0.40)
-    assert row["reached"] is False and row["time_to_target_s"] is None
-    assert row["final_accuracy"] == pytest.approx(0.399)
-    assert "not reached" in runs_table([row])
-
-
-def test_accuracy_at_time_takes_the_last_eval_at_or_before():
-    evals = curve([0.1, 0.2, 0.3], [10.0, 20.0, 30.0])
-    assert accuracy_at_time(evals, 20.0) == 0.2         # boundary included
-    assert accuracy_at_time(evals, 29.9) == 0.2         # no interpolation towards 0.3
-    assert accuracy_at_time(evals, 9.9) is None
-
-
-def test_auto_target_is_min_over_baseline_runs_at_fraction_of_final_time():
-    run_a = curve([0.10, 0.20, 0.30, 0.40, 0.50], [10.0, 20.0, 30.0, 40.0, 50.0])  # 80%: t=40
-    run_b = curve([0.10, 0.25, 0.35, 0.45], [20.0, 40.0, 60.0, 100.0])             # 80%: t=80
-    assert auto_target([run_a], 0.8) == 0.40
-    assert auto_target([run_b], 0.8) == 0.35
-    assert auto_target([run_a, run_b], 0.8) == 0.35
-    assert auto_target([run_a, run_b], 0.5) == 0.20     # a: t=25 -> 0.20; b: t=50 -> 0.25
-    assert auto_target([run_a], 1.0) == 0.50
-    with pytest.raises(ValueError):
-        auto_target([curve([0.5], [100.0])], 0.8)       # no eval at or before t=80
-    with pytest.raises(ValueError):
-        auto_target([run_a], 0.0)
-
-
-def test_resolve_target_auto_uses_only_baseline_runs_and_states_the_rule():
-    runs = [RunData("v", "v", "0", policy="vanilla", evals=curve([0.1, 0.2], [10.0, 20.0])),
-            RunData("s", "s", "0", policy="sift", evals=curve([0.9], [1.0]))]
-    target, rule = resolve_target("auto", 0.5, runs)
-    assert target == 0.1 and "vanilla" in rule and "50%" in rule
-    assert resolve_target("0.42", 0.8, runs)[0] == 0.42
-    with pytest.raises(SystemExit):
-        resolve_target("auto", 0.8, runs[1:])
-    with pytest.raises(SystemExit, match="--target ACC"):          # vanilla has no early eval
-        resolve_target("auto", 0.2, runs)
-
-
-def test_group_rows_spread_and_ratios_to_vanilla():
-    def row(policy, exit_layer, time_s, samples, acc):
-        return {"policy": policy, "exit_layer": exit_layer, "reached": time_s is not None,
-                "time_to_target_s": time_s, "samples_to_target": samples,
-                "final_accuracy": acc, "mean_step_s": 1.0, "scoring_share": None}
-    rows = [row("vanilla", "-", 40.0, 4000, 0.5), row("vanilla", "-", 60.0, 6000, 0.52),
-            row("sift", "1", 20.0, 2000, 0.6), row("sift", "1", None, None, 0.3),
-            row("sift", "2", None, None, 0.2)]
-    groups = {(g["policy"], g["exit_layer"]): g for g in group_rows(rows)}
-    sift1, sift2, van = groups[("sift", "1")], groups[("sift", "2")], groups[("vanilla", "-")]
-    assert van["time_to_target_s"]["mean"] == 50.0 and van["time_ratio"] == 1.0
-    assert (van["time_to_target_s"]["min"], van["time_to_target_s"]["max"]) == (40.0, 60.0)
-    assert sift1["reached"] == 1 and sift1["runs"] == 2
-    assert sift1["time_ratio"] == pytest.approx(20.0 / 50.0)
-    assert sift1["samples_ratio"] == pytest.approx(2000 / 5000)
-    assert sift2["time_to_target_s"] is None and sift2["time_ratio"] is None
-    no_vanilla = group_rows([row("vanilla", "-", None, None, 0.1), row("sift", "1", 5.0, 5, .9)])
-    assert all(g["time_ratio"] is None for g in no_vanilla)
-
-
-def test_plot_labels_and_styles_colour_by_group_linestyle_by_seed():
-    runs = [RunData("a", "a", "0", policy="vanilla", exit_layer="1", seed="0"),
-            RunData("b", "b", "0", policy="vanilla", exit_layer="1", seed="1"),
-            RunData("c", "c", "0", policy="sift", exit_layer="1", seed="0"),
-            RunData("d", "d", "0", policy="sift", exit_layer="2", seed="1")]
-    labels = group_labels(runs)
-    assert labels == {("vanilla", "1"): "vanilla", ("sift", "1"): "sift@1",
-                      ("sift", "2"): "sift@2"}
-    styles = run_styles(runs)
-    assert styles["a"]["color"] == styles["b"]["color"] == "black"
-    assert len({styles[k]["color"] for k in "acd"}) == 3
-    assert styles["a"]["linestyle"] == styles["c"]["linestyle"] != styles["b"]["linestyle"]
-    assert styles["b"]["linestyle"] == styles["d"]["linestyle"]
-
-
-def test_latest_per_step_keeps_the_last_logged_value_of_a_repeated_step():
-    entries = [(100, 5, 0.30), (200, 6, 0.40), (100, 9, 0.35), (100, 7, 0.31)]
-    assert latest_per_step(entries) == {100: 0.35, 200: 0.40}
-
-
-def test_spread_and_tracking_uri(monkeypatch, tmp_path):
-    s = spread([1.0, None, 3.0])
-    assert (s.mean, s.min, s.max, s.std, s.n) == (2.0, 1.0, 3.0, 1.0, 2)
-    assert spread([None]) is None
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
-    assert tracking_uri("sqlite:///given.db") == "sqlite:///given.db"
-    assert tracking_uri(None) == "sqlite:///elsewhere.db"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    monkeypatch.chdir(tmp_path)
-    assert tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -279,8 +162,8 @@ def test_compare_given_target_run_ids_and_no_log(store, tmp_path, capsys):
     groups = {(g["policy"], g["exit_layer"]): g for g in report["groups"]}
     assert groups[("sift", "1")]["time_ratio"] == pytest.approx(32 / 50)
     assert len(_comparison_runs(store["client"], store["exp_id"])) == before
-    with pytest.raises(SystemExit, match="cannot read run"):
-        main(["--runs", "0" * 32, "--uri", store["uri"], "--no-log", "--out", str(out)])
+    assert main(["--runs", "0" * 32, "--uri", store["uri"], "--no-log", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot read the run: ")
 
 
 # ----------------------------------------------------------------------------- methods and noise
@@ -394,7 +277,8 @@ def test_compare_without_mask_metrics_says_regime_unknown(store, tmp_path, capsy
     assert "regime unknown: the runs did not log eval/mask_accuracy_ref" in printed
     assert "- sift@2 vs vanilla: no comparison: no sift@2 seed reached the target" in printed
     assert "| sift@1  | 2/2     |" in printed
-    with pytest.raises(SystemExit, match="no run logged eval/mask_accuracy"):
-        main(["--experiment", "study", "--uri", store["uri"], "--out", str(tmp_path), "--no-log",
-              "--metric", "eval/mask_accuracy"])
+    assert main(["--experiment", "study", "--uri", store["uri"], "--out", str(tmp_path), "--no-log",
+                 "--metric", "eval/mask_accuracy"]) == 2
+    assert capsys.readouterr().err == ("error: no run logged eval/mask_accuracy (--metric): choose another metric, "
+                                       "or runs that log it\n")
 

@@ -1,5 +1,5 @@
 """Tests for the noise arithmetic of pipeline.compare (methods, t quantiles, intervals, Welch,
-the verdict and regime phrases) and for the package's shape (no import cycles, small files)."""
+the verdict and regime phrases), times and samples to a target on hand-made curves, the auto target."""
 from __future__ import annotations
 
 import ast
@@ -10,15 +10,26 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.compare.cli import parse_args
-from pipeline.compare.methods import versus_baseline
-from pipeline.compare.report import regime_lines
+from pipeline.compare.cli import parse_args, resolve_target
+from pipeline.compare.methods import group_rows, run_row, versus_baseline
+from pipeline.compare.plots import group_labels, run_styles
+from pipeline.compare.report import regime_lines, runs_table
+from pipeline.compare.runs import latest_per_step, tracking_uri
 from pipeline.compare.stats import (
-    FIXED_EXIT_POLICIES, RunData, method_name, spread, t_quantile_975, welch,
+    FIXED_EXIT_POLICIES, EvalPoint, RunData, accuracy_at_time, auto_target, first_reaching, method_name,
+    samples_to_target, spread, t_quantile_975, time_to_target, welch,
 )
+from pipeline.errors import InputError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline" / "compare"
 
+
+
+def curve(accs, times, samples=None, first_step=100):
+    """EvalPoints every 100 steps with the given accuracies, train times and samples."""
+    samples = samples or [None] * len(accs)
+    return [EvalPoint(first_step * (i + 1), a, t, s)
+            for i, (a, t, s) in enumerate(zip(accs, times, samples))]
 
 def test_method_name_splits_only_policies_whose_exit_layer_is_a_knob():
     assert method_name("sift", "2") == "sift@2"
@@ -121,22 +132,6 @@ def _imports(path: Path) -> set[str]:
     return found | ({"pipeline.compare"} if found else set())
 
 
-def test_package_has_no_import_cycle_and_no_long_file():
-    def name(path: Path) -> str:
-        return "pipeline.compare" + ("" if path.stem == "__init__" else f".{path.stem}")
-
-    files = sorted(PACKAGE.glob("*.py"))
-    graph = {name(p): _imports(p) - {name(p)} for p in files}
-    assert graph["pipeline.compare"] == set()             # __init__ imports nothing
-    done: list[str] = []
-    while len(done) < len(graph):                         # topological order, or a cycle
-        ready = [m for m in graph if m not in done and graph[m] <= set(done)]
-        assert ready, f"import cycle among {sorted(set(graph) - set(done))}"
-        done += ready
-    for path in files:
-        assert len(path.read_text().splitlines()) <= 400, path.name
-
-
 def test_metric_is_one_of_the_eval_accuracies(capsys):
     assert parse_args(["--experiment", "x"]).metric == "eval/accuracy"
     assert parse_args(["--runs", "r", "--metric", "eval/mask_accuracy"]).metric == "eval/mask_accuracy"
@@ -151,3 +146,112 @@ def test_help_is_fast_without_mlflow_or_matplotlib():
     assert done.returncode == 0 and "--metric" in done.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
     assert not {m for m in imported if m.split(".")[0] in ("mlflow", "matplotlib")}
+
+
+def test_time_to_target_is_the_first_eval_at_or_above_target():
+    evals = curve([0.10, 0.30, 0.50, 0.45, 0.60], [10.0, 20.0, 30.0, 40.0, 50.0],
+                  [320, 640, 960, 1280, 1600])
+    assert time_to_target(evals, 0.50) == 30.0          # equal counts as reached
+    assert time_to_target(evals, 0.45) == 30.0          # the first crossing, not the later 0.45
+    assert time_to_target(evals, 0.55) == 50.0          # the dip at 0.45 does not count
+    assert time_to_target(evals, 0.05) == 10.0
+    assert samples_to_target(evals, 0.50) == 960
+    assert time_to_target(list(reversed(evals)), 0.45) == 30.0   # step order, not list order
+
+
+def test_target_never_reached_is_none_and_not_interpolated():
+    evals = curve([0.10, 0.30, 0.399], [10.0, 20.0, 30.0], [1, 2, 3])
+    assert first_reaching(evals, 0.40) is None
+    assert time_to_target(evals, 0.40) is None
+    assert samples_to_target(evals, 0.40) is None
+    assert time_to_target([], 0.1) is None
+    row = run_row(RunData("r1", "sift-a", "0", policy="sift", exit_layer="1", seed="0",
+                          evals=evals), 0.40)
+    assert row["reached"] is False and row["time_to_target_s"] is None
+    assert row["final_accuracy"] == pytest.approx(0.399)
+    assert "not reached" in runs_table([row])
+
+
+def test_accuracy_at_time_takes_the_last_eval_at_or_before():
+    evals = curve([0.1, 0.2, 0.3], [10.0, 20.0, 30.0])
+    assert accuracy_at_time(evals, 20.0) == 0.2         # boundary included
+    assert accuracy_at_time(evals, 29.9) == 0.2         # no interpolation towards 0.3
+    assert accuracy_at_time(evals, 9.9) is None
+
+
+def test_auto_target_is_min_over_baseline_runs_at_fraction_of_final_time():
+    run_a = curve([0.10, 0.20, 0.30, 0.40, 0.50], [10.0, 20.0, 30.0, 40.0, 50.0])  # 80%: t=40
+    run_b = curve([0.10, 0.25, 0.35, 0.45], [20.0, 40.0, 60.0, 100.0])             # 80%: t=80
+    assert auto_target([run_a], 0.8) == 0.40
+    assert auto_target([run_b], 0.8) == 0.35
+    assert auto_target([run_a, run_b], 0.8) == 0.35
+    assert auto_target([run_a, run_b], 0.5) == 0.20     # a: t=25 -> 0.20; b: t=50 -> 0.25
+    assert auto_target([run_a], 1.0) == 0.50
+    with pytest.raises(ValueError):
+        auto_target([curve([0.5], [100.0])], 0.8)       # no eval at or before t=80
+    with pytest.raises(ValueError):
+        auto_target([run_a], 0.0)
+
+
+def test_resolve_target_auto_uses_only_baseline_runs_and_states_the_rule():
+    runs = [RunData("v", "v", "0", policy="vanilla", evals=curve([0.1, 0.2], [10.0, 20.0])),
+            RunData("s", "s", "0", policy="sift", evals=curve([0.9], [1.0]))]
+    target, rule = resolve_target("auto", 0.5, runs)
+    assert target == 0.1 and "vanilla" in rule and "50%" in rule
+    assert resolve_target("0.42", 0.8, runs)[0] == 0.42
+    with pytest.raises(InputError, match=r"no vanilla runs .* \(--target auto\): pass --target VALUE"):
+        resolve_target("auto", 0.8, runs[1:])
+    with pytest.raises(InputError, match=r"\(--target auto\): pass --target VALUE"):  # vanilla has no early eval
+        resolve_target("auto", 0.2, runs)
+
+
+def test_group_rows_spread_and_ratios_to_vanilla():
+    def row(policy, exit_layer, time_s, samples, acc):
+        return {"policy": policy, "exit_layer": exit_layer, "reached": time_s is not None,
+                "time_to_target_s": time_s, "samples_to_target": samples,
+                "final_accuracy": acc, "mean_step_s": 1.0, "scoring_share": None}
+    rows = [row("vanilla", "-", 40.0, 4000, 0.5), row("vanilla", "-", 60.0, 6000, 0.52),
+            row("sift", "1", 20.0, 2000, 0.6), row("sift", "1", None, None, 0.3),
+            row("sift", "2", None, None, 0.2)]
+    groups = {(g["policy"], g["exit_layer"]): g for g in group_rows(rows)}
+    sift1, sift2, van = groups[("sift", "1")], groups[("sift", "2")], groups[("vanilla", "-")]
+    assert van["time_to_target_s"]["mean"] == 50.0 and van["time_ratio"] == 1.0
+    assert (van["time_to_target_s"]["min"], van["time_to_target_s"]["max"]) == (40.0, 60.0)
+    assert sift1["reached"] == 1 and sift1["runs"] == 2
+    assert sift1["time_ratio"] == pytest.approx(20.0 / 50.0)
+    assert sift1["samples_ratio"] == pytest.approx(2000 / 5000)
+    assert sift2["time_to_target_s"] is None and sift2["time_ratio"] is None
+    no_vanilla = group_rows([row("vanilla", "-", None, None, 0.1), row("sift", "1", 5.0, 5, .9)])
+    assert all(g["time_ratio"] is None for g in no_vanilla)
+
+
+def test_plot_labels_and_styles_colour_by_group_linestyle_by_seed():
+    runs = [RunData("a", "a", "0", policy="vanilla", exit_layer="1", seed="0"),
+            RunData("b", "b", "0", policy="vanilla", exit_layer="1", seed="1"),
+            RunData("c", "c", "0", policy="sift", exit_layer="1", seed="0"),
+            RunData("d", "d", "0", policy="sift", exit_layer="2", seed="1")]
+    labels = group_labels(runs)
+    assert labels == {("vanilla", "1"): "vanilla", ("sift", "1"): "sift@1",
+                      ("sift", "2"): "sift@2"}
+    styles = run_styles(runs)
+    assert styles["a"]["color"] == styles["b"]["color"] == "black"
+    assert len({styles[k]["color"] for k in "acd"}) == 3
+    assert styles["a"]["linestyle"] == styles["c"]["linestyle"] != styles["b"]["linestyle"]
+    assert styles["b"]["linestyle"] == styles["d"]["linestyle"]
+
+
+def test_latest_per_step_keeps_the_last_logged_value_of_a_repeated_step():
+    entries = [(100, 5, 0.30), (200, 6, 0.40), (100, 9, 0.35), (100, 7, 0.31)]
+    assert latest_per_step(entries) == {100: 0.35, 200: 0.40}
+
+
+def test_spread_and_tracking_uri(monkeypatch, tmp_path):
+    s = spread([1.0, None, 3.0])
+    assert (s.mean, s.min, s.max, s.std, s.n) == (2.0, 1.0, 3.0, 1.0, 2)
+    assert spread([None]) is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking_uri("sqlite:///given.db") == "sqlite:///given.db"
+    assert tracking_uri(None) == "sqlite:///elsewhere.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"

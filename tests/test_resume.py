@@ -59,6 +59,6 @@ def test_starting_a_finished_run_again_trains_nothing_and_says_so(tiny_data, tmp
     run_ok(train_cmd(tiny_data, tmp_path, *run))
     before = journal(tmp_path, "train/loss")
     log = run_ok(train_cmd(tiny_data, tmp_path, *run))
-    assert "is complete (step 3 of train.max_steps=3): nothing to train" in log
+    assert "run ended: the run was already complete (step 3 of train.max_steps=3): nothing trained" in log
     assert journal(tmp_path, "train/loss") == before
     assert len((tmp_path / "keys" / "rank00000.jsonl").read_text().splitlines()) == 3

@@ -108,7 +108,7 @@ def test_non_finite_weights_are_never_saved_and_stop_the_run(tiny_data, tmp_path
     writes no checkpoint; the one before stays the resume point. Before: the loss was the only thing
     checked, and a checkpoint of all-NaN tensors was marked COMPLETE."""
     import pipeline.step as step_module
-    from pipeline.guards import NonFiniteStop
+    from pipeline.errors import NonFiniteStop
 
     real = step_module.train_step
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,7 @@ from pipeline.compare.methods import group_rows, run_row
 from pipeline.compare.report import regime_lines, report_markdown
 from pipeline.compare.runs import METRICS, find_runs, load_run, log_comparison, tracking_uri
 from pipeline.compare.stats import BASELINE_POLICY, RunData, auto_target
+from pipeline.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,12 @@ def resolve_target(spec: str, fraction: float, runs: Sequence[RunData],
         return float(spec), "given with --target"
     base = [r for r in runs if r.method == baseline]
     if not base:
-        raise SystemExit(f"--target auto needs {baseline} runs; none found (pass --target ACC)")
+        raise InputError(f"no {baseline} runs to set an automatic target from", "--target auto",
+                         "pass --target VALUE, or --baseline with a method the runs have")
     try:
         target = auto_target([r.evals for r in base], fraction)
     except ValueError as err:
-        raise SystemExit(f"--target auto: {err} (pass --target ACC)") from err
+        raise InputError(str(err), "--target auto", "pass --target VALUE, or train the baseline longer") from None
     rule = (f"auto: min over {len(base)} {baseline} run(s) of {metric} at the last eval "
             f"at or before {fraction:.0%} of the run's final eval/train_time_s")
     return target, rule
@@ -62,7 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", default=BASELINE_POLICY,
                    help="method ('policy' or 'policy@exit') the ratios, tests and the auto "
                         "target refer to (vanilla)")
-    p.add_argument("--out", type=Path, default=Path("compare_out"), help="output directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default runs/compare/<experiment>, which git ignores)")
     p.add_argument("--no-log", action="store_true", help="do not log a comparison run to MLflow")
     args = p.parse_args(argv)
     if args.target != "auto":
@@ -74,7 +78,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0, or 2 with one `error: <what> (<where>): <what to do>` line for bad input."""
     args = parse_args(argv)
+    try:
+        return _compare(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _compare(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mlflow.tracking import MlflowClient  # imported here: --help needs neither MLflow
@@ -85,15 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [load_run(client, r, args.metric)
             for r in find_runs(client, args.experiment, args.runs)]
     if not runs:
-        raise SystemExit("no training runs to compare")
+        raise InputError("no training runs to compare", args.experiment or "--runs",
+                         "check the experiment name and --uri (the MLflow UI lists both)")
     if not any(r.evals for r in runs):
-        raise SystemExit(f"no run logged {args.metric}")
+        raise InputError(f"no run logged {args.metric}", "--metric", "choose another metric, or runs that log it")
     target, rule = resolve_target(args.target, args.target_fraction, runs, args.baseline,
                                   args.metric)
     rows = [run_row(r, target) for r in runs]
     groups = group_rows(rows, args.baseline)
 
-    out = args.out.resolve()
+    default = Path("runs") / "compare" / (args.experiment or f"runs-{args.runs[0][:8]}")
+    out = (args.out or default).resolve()
     out.mkdir(parents=True, exist_ok=True)
     report = report_markdown(target, rule, rows, groups, args.baseline, args.metric)
     (out / "comparison.md").write_text(report)

@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 
 from pipeline.compare.methods import MASK_ACCURACY, MASK_ACCURACY_REF, THROUGHPUT_KEYS
 from pipeline.compare.stats import EvalPoint, RunData
+from pipeline.errors import InputError
 from pipeline.tracking import resolve_uri
-
 logger = logging.getLogger(__name__)
 
 KIND_TAG = "sift.kind"
@@ -80,11 +80,12 @@ def find_runs(client, experiment: str | None, run_ids: Sequence[str] | None) -> 
         try:
             runs = [client.get_run(rid) for rid in run_ids]
         except MlflowException as err:
-            raise SystemExit(f"cannot read run: {err.message}") from err
+            raise InputError(f"cannot read the run: {err.message}", "--runs", "pass run ids from the MLflow UI") from None
     else:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            raise SystemExit(f"no MLflow experiment named {experiment!r}")
+            raise InputError(f"no MLflow experiment named {experiment!r}", "--experiment",
+                             "check the name (tracking.experiment of the runs) and --uri")
         runs, token = [], None
         while True:
             page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
