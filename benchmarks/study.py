@@ -138,12 +138,12 @@ def context_free_reference(data: Path, config: Path, overrides: list[str]) -> di
     from pipeline.data import eval_batches
     from pipeline.distributed import DistInfo
     from pipeline.manifest import Manifest
-    from pipeline.masking import mask_spec
+    from pipeline.masking import eval_mask_spec
     from pipeline.reference import context_free_reference as reference, train_unigram_counts
 
     cfg = load_config(str(config), [f"data.dir={data}", *overrides])
     manifest = Manifest.load(str(data))
-    spec = mask_spec(cfg.data, manifest)
+    spec = eval_mask_spec(cfg.data, manifest)
     batches = eval_batches(manifest, spec, samples=cfg.data.eval_samples, batch=cfg.train.micro_batch, rank=0, world=1)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=__import__("torch").device("cpu"))
     return reference(train_unigram_counts(manifest), batches, spec.mask_id, info)

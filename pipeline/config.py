@@ -56,7 +56,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dir: str = "data/demo"  # a data_prep output directory
-    mask_prob: float = 0.15  # share of the non-special tokens chosen for prediction
+    mask_prob: float = 0.15  # share of the non-special tokens chosen for prediction in training
+    eval_mask_prob: float = 0.15  # ... in the fixed eval set (the same for every run, whatever it trains with)
     mask_share: float = 0.8  # of the masked tokens: [MASK] in the input (BERT: 0.8)
     random_share: float = 0.1  # ... a random token (BERT: 0.1); the rest stay as they are
     shuffle_buffer: int = 2000  # samples in the streaming shuffle buffer
@@ -267,6 +268,7 @@ def validate(cfg: Config) -> None:
     _check(hidden % heads == 0, "model.hidden_size", f"{hidden} is not divisible by model.num_heads {heads}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(0.0 < d.mask_prob < 1.0, "data.mask_prob", f"must be in (0, 1), got {d.mask_prob}")
+    _check(0.0 < d.eval_mask_prob < 1.0, "data.eval_mask_prob", f"must be in (0, 1), got {d.eval_mask_prob}")
     for name in ("mask_share", "random_share"):
         _check(0.0 <= getattr(d, name) <= 1.0, f"data.{name}", f"must be in [0, 1], got {getattr(d, name)}")
     _check(d.mask_share + d.random_share <= 1.0, "data.random_share",

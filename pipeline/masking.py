@@ -5,6 +5,7 @@ the scorer and the evaluation all read masked positions as `labels != IGNORE_IND
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -28,6 +29,12 @@ def mask_spec(data_cfg, manifest) -> MaskSpec:
     """The masking of a run: `data.*` from its config (pipeline.config.DataConfig), ids from the manifest."""
     return MaskSpec(data_cfg.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
                     tuple(sorted(set(manifest.special_ids.values()))), data_cfg.mask_share, data_cfg.random_share)
+
+
+def eval_mask_spec(data_cfg, manifest) -> MaskSpec:
+    """The eval set's masking: the run's, at data.eval_mask_prob, so that runs training with another
+    masking rate are still measured on the same positions."""
+    return dataclasses.replace(mask_spec(data_cfg, manifest), mask_prob=data_cfg.eval_mask_prob)
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> list[int]:

@@ -33,7 +33,7 @@ from pipeline.evaluate import evaluate
 from pipeline.export import export_hf
 from pipeline.guards import check_state_finite
 from pipeline.manifest import DataError, Manifest
-from pipeline.masking import mask_spec
+from pipeline.masking import eval_mask_spec, mask_spec
 from pipeline.model import build_model, num_parameters
 from pipeline.progress import Progress
 from pipeline.reference import context_free_reference, train_unigram_counts
@@ -56,7 +56,8 @@ class Run:
         self.tracker: Tracker = NullTracker()
         self.reference: dict[str, float] = {}  # the context-free reference (pipeline/reference.py); on a new run
         self.spec = mask_spec(cfg.data, manifest)
-        self.val = eval_batches(manifest, self.spec, samples=cfg.data.eval_samples, batch=cfg.train.micro_batch,
+        self.val = eval_batches(manifest, eval_mask_spec(cfg.data, manifest), samples=cfg.data.eval_samples,
+                                batch=cfg.train.micro_batch,
                                 rank=info.rank, world=info.world_size, verify=cfg.data.verify)
         self.batches: Iterator[dict] = self._candidate_batches()
         self._started = time.perf_counter()

@@ -97,7 +97,7 @@ def test_every_run_logs_its_context_free_reference_once(tiny_data, tmp_path, dis
 
     from pipeline.data import eval_batches
     from pipeline.manifest import Manifest
-    from pipeline.masking import mask_spec
+    from pipeline.masking import eval_mask_spec
     from pipeline.train import train
     from tests.fault_helpers import tar_samples
 
@@ -110,7 +110,7 @@ def test_every_run_logs_its_context_free_reference_once(tiny_data, tmp_path, dis
             counts += np.bincount(ids.astype(np.int64), minlength=manifest.vocab_size)
     counts[list(manifest.special_ids.values())] = 0
     hits, ce, n = 0, 0.0, 0
-    for batch in eval_batches(manifest, mask_spec(cfg.data, manifest), samples=cfg.data.eval_samples, batch=8,
+    for batch in eval_batches(manifest, eval_mask_spec(cfg.data, manifest), samples=cfg.data.eval_samples, batch=8,
                               rank=0, world=1):
         at_mask = batch["input_ids"] == manifest.special_ids["mask"]
         targets = batch["labels"][at_mask].numpy()
