@@ -75,7 +75,8 @@ def run_config(preset: str, micro_batch: int, *overrides: str):
     from pipeline.config import load_config
 
     path = REPO / "configs" / f"{preset}.yaml"
-    base = [f"model.preset={preset}", f"train.micro_batch={micro_batch}", "train.grad_accum=1",
+    base = [f"model.preset={preset}", "model.arch=bert", "model.positions=learned", f"train.micro_batch={micro_batch}",
+            "train.grad_accum=1",
             "train.ds_configs=[ds_configs/base.json]", "tracking.enabled=false"]
     return load_config(str(path) if path.is_file() else None, base + list(overrides))
 
