@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = 0  # weights, data order, masking and selection all follow it
     threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
     device: str = "auto"  # auto | cpu | cuda; auto: cuda when usable, and an error when GPUs were asked for but none works
+    static_shapes: str = "auto"  # auto | true | false: the MLM head at a fixed number of positions (no host sync; auto: on CUDA)
     resume: bool = True  # resume from the newest complete checkpoint in out_dir
     export: bool = True  # write a Hugging Face model directory at the end
     record_keys: bool = False  # write each step's candidate and kept sample keys to out_dir/keys/
@@ -220,7 +221,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint in (int, float):
         return _number(value, hint, key)
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads true/false as booleans; keys like static_shapes take them
+            return str(value).lower()
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"expected a string, got {value!r}", key, set_key(key))
     raise ConfigError(f"unsupported type {hint}", key, "this is a bug in pipeline/config.py: report it")
@@ -299,6 +302,8 @@ def validate(cfg: Config) -> None:
     _check(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     _check(t.threads >= 0, "train.threads", "must be >= 0")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
+    _check(t.static_shapes in ("auto", "true", "false"), "train.static_shapes",
+           f"must be auto, true or false, got {t.static_shapes!r}")
     _check(not ((m.pre_layernorm or m.positions == "rotary") and t.export), "train.export",
            "a model.pre_layernorm=true or model.positions=rotary BERT is not a standard Hugging Face BERT: set "
            "train.export=false (model.arch=modernbert exports)")

@@ -1,15 +1,18 @@
 """BERT's dynamic masking, seeded per sample, and the label convention every part shares.
 
 Labels are the original token ids at the chosen positions and IGNORE_INDEX elsewhere; the model,
-the scorer and the evaluation all read masked positions as `labels != IGNORE_INDEX`.
+the scorer and the evaluation all read masked positions as `labels != IGNORE_INDEX`, exactly
+(`masked_positions` without a capacity) or as a fixed number of positions (with one: static shapes).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 IGNORE_INDEX = -100  # labels of positions that are not predicted (torch's cross_entropy default)
 EVAL_MASK_SEED = 20240207  # fixed: eval masks identical across runs, seeds and policies
@@ -58,3 +61,29 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec) -> tu
     randomize = chosen & (action >= mask_until) & (action < random_until)
     inputs[randomize] = rng.integers(0, spec.vocab_size, size=int(randomize.sum()))
     return inputs, labels
+
+
+def head_capacity(rows: int, seq_len: int, mask_prob: float) -> int:
+    """Masked positions the static head makes room for in a (rows, seq_len) batch: the expected count
+    plus six standard deviations (a binomial count goes past it about once in 10^9 batches), rounded
+    up to a multiple of 8."""
+    n = rows * seq_len
+    expected = mask_prob * n + 6.0 * math.sqrt(mask_prob * (1.0 - mask_prob) * n) + 8
+    return min(n, int(math.ceil(expected / 8.0)) * 8)
+
+
+def masked_positions(labels: torch.Tensor, capacity: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat positions, their targets, masked count) of a (B, T) label batch.
+
+    capacity None: exactly the masked positions (a data-dependent shape: a host sync on a GPU).
+    capacity C: always C positions, the masked ones first in order, the rest padding with target
+    IGNORE_INDEX (static shapes, no sync, as Cramming does); a batch with more than C masked tokens
+    loses its last ones (head_capacity makes that about impossible)."""
+    flat = labels.reshape(-1)
+    is_masked = flat != IGNORE_INDEX
+    if capacity is None:
+        positions = is_masked.nonzero(as_tuple=True)[0]  # (N,)
+        return positions, flat[positions], is_masked.sum()
+    positions = torch.argsort((~is_masked).to(torch.uint8), stable=True)[:capacity]  # (C,) masked first
+    return positions, torch.where(is_masked[positions], flat[positions], IGNORE_INDEX), is_masked.sum()

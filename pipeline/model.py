@@ -18,7 +18,7 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
 from pipeline.config import ModelConfig
-from pipeline.masking import IGNORE_INDEX
+from pipeline.masking import IGNORE_INDEX, masked_positions
 
 
 class MLMOutput(NamedTuple):
@@ -28,15 +28,22 @@ class MLMOutput(NamedTuple):
     sample_index: torch.Tensor  # (N,) which sample each masked position belongs to
 
 
-def sparse_mlm(head, hidden: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
-    """Apply the MLM head only where labels != IGNORE_INDEX (sparse prediction, as in Cramming)."""
-    masked = labels != IGNORE_INDEX  # (B, T)
-    sample_index = masked.nonzero(as_tuple=True)[0]  # (N,)
-    logits = head(hidden[masked])  # (N, V)
-    targets = labels[masked]  # (N,)
-    loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / targets.numel() if targets.numel() \
-        else logits.sum() * 0.0
-    return MLMOutput(loss, logits, targets, sample_index)
+def sparse_mlm(head, hidden: torch.Tensor, labels: torch.Tensor, capacity: int | None = None) -> MLMOutput:
+    """Apply the MLM head only at the masked positions (sparse prediction, as in Cramming); with
+    `capacity`, at a fixed number of positions (masked_positions)."""
+    batch, length = labels.shape
+    if capacity is None:  # the exact path: the CPU default, bit for bit what the golden runs recorded
+        masked = labels != IGNORE_INDEX  # (B, T)
+        sample_index = masked.nonzero(as_tuple=True)[0]  # (N,)
+        logits = head(hidden[masked])  # (N, V)
+        targets = labels[masked]  # (N,)
+        loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / targets.numel() \
+            if targets.numel() else logits.sum() * 0.0
+        return MLMOutput(loss, logits, targets, sample_index)
+    positions, targets, count = masked_positions(labels, capacity)
+    logits = head(hidden.reshape(batch * length, -1)[positions])  # (C, V)
+    loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / count.clamp(min=1)
+    return MLMOutput(loss, logits, targets, positions // length)
 
 
 class SparseMaskedLM(nn.Module):
@@ -50,9 +57,9 @@ class SparseMaskedLM(nn.Module):
     def num_layers(self) -> int:
         return self.mlm.config.num_hidden_layers
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, capacity: int | None = None) -> MLMOutput:
         hidden = self.mlm.bert(input_ids=input_ids).last_hidden_state  # (B, T, H); packed: no padding mask
-        return sparse_mlm(self.head, hidden, labels)
+        return sparse_mlm(self.head, hidden, labels, capacity)
 
     def trunk(self, input_ids: torch.Tensor, layers: int) -> torch.Tensor:
         """Embeddings, then blocks 1..layers: the hidden states (B, T, H) an exit at `layers` sees.
@@ -74,9 +81,9 @@ class SparseModernMLM(SparseMaskedLM):
         nn.Module.__init__(self)
         self.mlm = ModernBertForMaskedLM(config)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> MLMOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, capacity: int | None = None) -> MLMOutput:
         hidden = self.mlm.model(input_ids=input_ids).last_hidden_state  # (B, T, H), final norm applied
-        return sparse_mlm(self.head, hidden, labels)
+        return sparse_mlm(self.head, hidden, labels, capacity)
 
     def trunk(self, input_ids: torch.Tensor, layers: int) -> torch.Tensor:
         """Embeddings, blocks 1..layers (rotary positions), then the final norm, as the full model does."""

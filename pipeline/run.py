@@ -119,6 +119,14 @@ class Run:
         self._started = time.perf_counter() - self.progress.wall_clock_s
         return True
 
+    @property
+    def capacity_prob(self) -> float | None:
+        """train.static_shapes: the share of tokens the MLM head makes room for (data.mask_prob), or None
+        for the exact, data-dependent head (pipeline.masking.masked_positions)."""
+        static = self.cfg.train.static_shapes
+        on = static == "true" or (static == "auto" and self.info.device.type == "cuda")
+        return self.cfg.data.mask_prob if on else None
+
     def complete(self) -> str:
         """Why this run has nothing left to train ("" if it has): its step or time budget is spent."""
         p, t = self.progress, self.cfg.train

@@ -44,7 +44,8 @@ def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
             while not reason:
                 probe = cfg.select.probe_every > 0 and p.step % cfg.select.probe_every == 0
                 window.append(train_step(run.engine, run.selector, run.batches, p, info, t, probe=probe,
-                                         on_micro_step=run.record_keys))
+                                         on_micro_step=run.record_keys if t.record_keys else None,
+                                         capacity_prob=run.capacity_prob))
                 p.wall_clock_s = run.clock()
 
                 # clocks differ per rank: all take the slowest one's time and the same decisions (ZeRO-3

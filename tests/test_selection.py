@@ -114,3 +114,12 @@ def test_labels_at_mask_tokens_keeps_only_the_mask_positions():
     inputs = torch.tensor([[2, 4, 9, 7, 4, 3]])  # [CLS] [MASK] kept(9) random(7 for 8) [MASK] [SEP]
     labels = torch.tensor([[-100, 11, 9, 8, 12, -100]])
     assert scoring.labels_at_mask_tokens(inputs, labels, mask).tolist() == [[-100, 11, -100, -100, 12, -100]]
+
+
+def test_a_nan_score_ranks_last_not_first():
+    """A NaN sorts first in a descending sort, so a NaN-scored sample would always be kept; scores
+    map NaN (and inf) to -inf. Checked to fail with the isfinite test taken out of selection_scores."""
+    loss = torch.tensor([0.5, float("nan"), 2.0, 1.0, float("inf")])
+    scores = scoring.selection_scores(loss, torch.ones(5))
+    assert policies.topk_keep(scores, 2).tolist() == [2, 3]
+    assert torch.isinf(scores[[1, 4]]).all() and (scores[[1, 4]] < 0).all()
