@@ -34,7 +34,7 @@ from pipeline.export import export_hf
 from pipeline.guards import check_state_finite
 from pipeline.manifest import DataError, Manifest
 from pipeline.masking import eval_mask_spec, mask_spec
-from pipeline.model import build_model, num_parameters
+from pipeline.model import attention_backend, build_model, num_parameters
 from pipeline.progress import Progress
 from pipeline.reference import context_free_reference, train_unigram_counts
 from pipeline.run_identity import public_config, run_record
@@ -78,6 +78,8 @@ class Run:
         if cfg.train.init_from:
             checkpoint.load_module_weights(model, cfg.train.init_from)  # a resumable checkpoint in out_dir still wins
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        if cfg.train.compile:  # the forward and backward of training; exit-layer scoring calls the blocks eagerly
+            engine.compile()
         selector = Selector.for_run(cfg, vocab_size=manifest.vocab_size, mask_id=manifest.special_ids["mask"],
                                     rank=info.rank)
         run = cls(cfg, info, manifest, engine, selector, out_dir)
@@ -99,8 +101,9 @@ class Run:
                      "token), unigram cross-entropy %.3f", run.reference["eval/mask_accuracy_ref"],
                      run.reference["eval/unigram_ce"])
         log.info("run directory %s (the same command with --resume %s continues it)", out_dir, out_dir)
-        log.info("model %s: %.2fM parameters, ZeRO stage %d, %d ranks", cfg.model.preset,
-                 num_parameters(engine.module) / 1e6, zero_stage(ds_config), info.world_size)
+        log.info("model %s %s: %.2fM parameters, attention %s, ZeRO stage %d, %d ranks on %s", cfg.model.arch,
+                 cfg.model.preset, num_parameters(engine.module) / 1e6, attention_backend(engine.module),
+                 zero_stage(ds_config), info.world_size, info.device.type)
         return run
 
     def resume(self) -> bool:

@@ -124,7 +124,8 @@ TWO_RANK_RUN = ["train.max_steps=12", "train.ckpt_every=6", "model.dropout=0.1",
 
 
 def _zero(stage: int) -> str:
-    return f"train.ds_configs=[ds_configs/base.json, ds_configs/zero{stage}.json]"
+    partition_all = ", tests/ds_configs/zero3_partition_all.json" if stage == 3 else ""  # tiny weights: gather them all
+    return f"train.ds_configs=[ds_configs/base.json, ds_configs/zero{stage}.json{partition_all}]"
 
 
 @pytest.mark.multiprocess

@@ -85,7 +85,7 @@ def test_rotary_bert_trains_with_sift_under_zero3(tiny_data, tmp_path, dist_info
     from pipeline.train import train
 
     cfg = tiny_config(tiny_data, tmp_path, "model.positions=rotary", "train.export=false", "select.policy=sift",
-                      "train.max_steps=3", "train.ds_configs=[ds_configs/base.json, ds_configs/zero3.json]")
+                      "train.max_steps=3", "train.ds_configs=[ds_configs/base.json, ds_configs/zero3.json, tests/ds_configs/zero3_partition_all.json]")
     metrics = train(cfg, dist_info)
     assert sorted(journal(tmp_path, "train/loss")) == [1, 2, 3] and 0 <= metrics["eval/mask_accuracy"] <= 1
 

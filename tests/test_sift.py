@@ -102,7 +102,7 @@ def test_zero3_scores_selects_and_trains_like_zero0(tiny_data, tmp_path, dist_in
 
     results = {}
     for stage in (0, 3):
-        ds = "[ds_configs/base.json" + (", ds_configs/zero3.json]" if stage else "]")
+        ds = "[ds_configs/base.json" + (", ds_configs/zero3.json, tests/ds_configs/zero3_partition_all.json]" if stage else "]")
         cfg = tiny_config(tiny_data, tmp_path / f"z{stage}", "select.policy=sift", "train.max_steps=5",
                           f"train.ds_configs={ds}", "train.record_keys=true", "train.export=false")
         train(cfg, dist_info)

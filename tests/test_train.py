@@ -15,7 +15,8 @@ from tests.fault_helpers import journal
 def test_zero_stages_train_a_few_steps(tiny_data, tmp_path, dist_info, stage):
     from pipeline.train import train
 
-    ds = ["ds_configs/base.json"] + ([f"ds_configs/zero{stage}.json"] if stage else [])
+    ds = ["ds_configs/base.json"] + ([f"ds_configs/zero{stage}.json"] if stage else []) \
+        + (["tests/ds_configs/zero3_partition_all.json"] if stage == 3 else [])  # tiny weights: gather them all
     cfg = tiny_config(tiny_data, tmp_path, f"train.ds_configs=[{', '.join(ds)}]", "train.max_steps=4",
                       "train.export=false", "select.policy=sift")  # exit-layer scoring under every stage
     metrics = train(cfg, dist_info)
