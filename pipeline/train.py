@@ -68,6 +68,7 @@ def train(cfg, info, stop: StopFlag | None = None) -> dict[str, float]:
                 if stopping:
                     reason = (f"a signal; this step's checkpoint is written, --resume {t.out_dir} continues"
                               if signalled else run.complete())
+                    log.info("stopping at step %d: %s", p.step, "signal" if signalled else reason)
         if signalled:
             run.close("KILLED")  # preempted: the requeued job resumes this MLflow run
         elif already_done:

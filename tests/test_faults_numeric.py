@@ -26,8 +26,8 @@ def poison_forward(monkeypatch, bad_calls, value: float) -> list[int]:
     calls: list[int] = []
     forward = SparseMaskedLM.forward
 
-    def patched(self, input_ids, labels):
-        out = forward(self, input_ids, labels)
+    def patched(self, input_ids, labels, capacity=None):
+        out = forward(self, input_ids, labels, capacity)
         if not self.training:
             return out  # evaluation is left alone
         calls.append(len(calls))

@@ -84,7 +84,7 @@ def test_the_bar_follows_the_time_budget_and_a_summary_ends_the_run(tiny_data, t
     assert re.search(r"final eval: loss \d+\.\d+ · accuracy \d\.\d+ · \[MASK\] accuracy \d\.\d+ \(\d+\.\dx the "
                      r"context-free \d\.\d+\)", out), out
     run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
-    assert f"MLflow run {run_id} in experiment 'sift-pretrain': mlflow ui --backend-store-uri {uri}" in out
+    assert f"MLflow run {run_id} in experiment 'sift-pretrain': mlflow ui --backend-store-uri {uri} --host 127.0.0.1" in out
     assert f"checkpoint {tmp_path}/run/checkpoints/step" in out
 
 
