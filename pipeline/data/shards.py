@@ -111,9 +111,15 @@ class SkipCounter:
         return False
 
     def bad_sample(self, err: CorruptSampleError, url: str, key: str) -> None:
+        """A sample of this counter's stream that does not decode: refused in strict mode, else counted."""
+        self.refuse_if_strict(err)
+        self._count((url, key), 1, str(err))
+
+    def refuse_if_strict(self, err: CorruptSampleError) -> None:
+        """Strict mode stops at an undecodable sample. The training stream counts such samples itself,
+        per batch (candidates.py): a worker decodes only its own batches, so it could not count them here."""
         if self.strict:
             raise type(err)(f"{err.what}, with data.strict=true", err.where, err.fix) from err
-        self._count((url, key), 1, str(err))
 
     def short_shard(self, url: str, got: int, expected: int) -> None:
         message = f"{url}: {got} readable samples, the manifest says {expected} (truncated or damaged shard)"
@@ -158,10 +164,11 @@ def _count_per_shard(urls: list[str], expected: dict[str, int], handler: SkipCou
     return stage
 
 
-def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCounter,
-                 shuffle_buffer: int = 0, shuffle_seed: int = 0, expected: dict[str, int] | None = None,
-                 checksums: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, ids) from the given shards in order, optionally through a seeded shuffle buffer.
+def raw_stream(urls: list[str], handler: SkipCounter, shuffle_buffer: int = 0, shuffle_seed: int = 0,
+               expected: dict[str, int] | None = None, checksums: dict[str, str] | None = None) -> Iterator[dict]:
+    """The shards' samples undecoded (webdataset's dicts: __key__, __url__, input_ids.npy bytes), in
+    order or through a seeded shuffle buffer. Reading tar members is cheap and decoding is not, so the
+    training stream reads everything but decodes only the batches it serves.
     `expected` (url -> samples, from the manifest) makes a short shard count as skipped samples;
     `checksums` (url -> sha256, data.verify) leaves out a shard whose bytes changed (SkipCounter.verified)."""
     if checksums is not None:
@@ -172,7 +179,14 @@ def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCo
         dataset = dataset.compose(_count_per_shard(urls, expected, handler))
     if shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed)
-    for sample in dataset:
+    yield from dataset
+
+
+def shard_stream(urls: list[str], seq_len: int, vocab_size: int, handler: SkipCounter,
+                 shuffle_buffer: int = 0, shuffle_seed: int = 0, expected: dict[str, int] | None = None,
+                 checksums: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, ids) of raw_stream's samples; an undecodable one is skipped and counted (strict: refused)."""
+    for sample in raw_stream(urls, handler, shuffle_buffer, shuffle_seed, expected, checksums):
         try:
             yield decode_sample(sample, seq_len, vocab_size)
         except CorruptSampleError as err:
