@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from pipeline.data.candidates import masked_batch
 from pipeline.data.shards import SkipCounter, shard_stream
 from pipeline.errors import DataError
 from pipeline.manifest import Manifest
-from pipeline.masking import EVAL_MASK_SEED, MaskSpec, mask_tokens, sample_seed
+from pipeline.masking import EVAL_MASK_SEED, MaskSpec
 
 
 def eval_batches(manifest: Manifest, spec: MaskSpec, *, samples: int, batch: int, rank: int, world: int,
@@ -34,11 +34,4 @@ def eval_batches(manifest: Manifest, spec: MaskSpec, *, samples: int, batch: int
             break
         if index % world == rank:
             mine.append(item)
-    batches = []
-    for i in range(0, len(mine), batch):
-        items = mine[i:i + batch]
-        inputs, labels = zip(*(mask_tokens(ids, np.random.default_rng(sample_seed(EVAL_MASK_SEED, 0, key)), spec)
-                               for key, ids in items))
-        batches.append({"keys": [k for k, _ in items], "input_ids": torch.from_numpy(np.stack(inputs)),
-                        "labels": torch.from_numpy(np.stack(labels))})
-    return batches
+    return [masked_batch(mine[i:i + batch], EVAL_MASK_SEED, 0, spec) for i in range(0, len(mine), batch)]
