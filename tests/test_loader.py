@@ -146,6 +146,24 @@ def test_batches_are_pinned_for_a_cuda_device_only(small, device, pinned):
     assert loader.pin_memory is pinned
 
 
+def test_to_device_copies_without_blocking(monkeypatch):
+    """The host-to-GPU copy overlaps the next batch's preparation (a no-op on CPU). Seen failing
+    before the change: .to(device) blocked."""
+    from pipeline.step import to_device
+
+    calls = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("non_blocking", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    moved = to_device({"input_ids": torch.zeros(2, 3), "labels": torch.zeros(2, 3), "keys": ["a", "b"]},
+                      torch.device("cpu"))
+    assert calls == [True, True] and moved["keys"] == ["a", "b"]
+
+
 def test_an_undecodable_sample_is_replaced_in_its_batch_alike_for_any_worker_count(small, tmp_path):
     """A sample that does not decode is counted and its place taken by a repeat of its batch's first
     decodable sample, a rule each worker applies alone: the batches and counts are the same with 0
