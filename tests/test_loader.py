@@ -5,10 +5,12 @@ CUDA, and the same batches in the same order for any worker count, from any resu
 epoch boundaries. The decode counts run in this process: a fake worker split stands in for workers."""
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +183,51 @@ def test_an_undecodable_sample_is_replaced_in_its_batch_alike_for_any_worker_cou
     batches, skipped, repeated = results[0]
     assert len(batches) == dataset.steps and all(len(keys) == BATCH for keys, _, _ in batches)
     assert skipped == 1 and repeated == sum(len(keys) - len(set(keys)) for keys, _, _ in batches) <= 1
+
+
+def npy(array: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=True)
+    return buffer.getvalue()
+
+
+PAYLOADS = {"uint16": npy(np.arange(64, dtype=np.uint16)), "big-endian int32": npy(np.arange(64, dtype=">i4")),
+            "version 2 header": npy(np.arange(64, dtype=np.uint16), (2, 0)), "float32": npy(np.ones(64, np.float32)),
+            "2-D": npy(np.zeros((2, 32), np.uint16)), "trailing bytes": npy(np.arange(64, dtype=np.uint16)) + b"xx",
+            "cut short": npy(np.arange(64, dtype=np.uint16))[:-10], "a pickle": npy(np.array([{}], dtype=object)),
+            "no .npy": b"\x93NUMPY\x01\x00" + b"\xff" * 40, "empty": b""}
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_the_npy_fast_path_gives_what_np_load_gives(name, monkeypatch):
+    """The same array (dtype, shape, values, writable) or the same exception type as np.load, the second
+    time through a header seen before too."""
+    from pipeline.data import shards
+
+    monkeypatch.setattr(shards, "_NPY_LAYOUTS", {})
+    shards.load_npy(PAYLOADS["uint16"])  # a header seen before, for "cut short" and "trailing bytes"
+    payload = PAYLOADS[name]
+    for _ in range(2):
+        try:
+            expected = np.load(io.BytesIO(payload), allow_pickle=False)
+        except Exception as err:
+            with pytest.raises(type(err)):
+                shards.load_npy(payload)
+            continue
+        got = shards.load_npy(payload)
+        assert (got.dtype, got.shape, got.flags.writeable) == (expected.dtype, expected.shape, True)
+        assert np.array_equal(got, expected)
+
+
+def test_a_npy_header_is_parsed_once_not_per_sample(small, monkeypatch):
+    """np.load (whose header parsing is most of a sample's decode time) runs once per header. Seen
+    failing before the change: it ran once per sample, 16 times for a shard of 16."""
+    from pipeline.data import SkipCounter, shard_stream, shards
+
+    monkeypatch.setattr(shards, "_NPY_LAYOUTS", {}, raising=False)
+    calls = []
+    load = np.load
+    monkeypatch.setattr(np, "load", lambda *args, **kwargs: calls.append(1) or load(*args, **kwargs))
+    url = str(small / "train-000000.tar")
+    assert len(list(shard_stream([url], 32, 10_000, SkipCounter(strict=True)))) == 16
+    assert len(calls) == 1
