@@ -1,6 +1,6 @@
 """Benchmark (not a test): candidate samples/s of the training loader per number of loader workers,
-and the time a resume takes to reach its first batch mid-epoch, for the old loader (main's
-pipeline/data.py, taken from git) beside the new one (pipeline/data/), in one process.
+and the time a resume takes to reach its first batch mid-epoch, for the old loader (pipeline/data.py
+as the last commit that had it, taken from git) beside the new one (pipeline/data/), in one process.
 
     python benchmarks/bench_loader.py --workers 0 1 2 --seconds 20 [--data data/study-s64-v4096]
 
@@ -46,9 +46,17 @@ from pipeline.masking import MaskSpec  # noqa: E402
 Stream = Callable[[int, int], Iterator[dict]]  # (workers, start micro-batch) -> batches without end
 
 
+def last_single_module_loader() -> str:
+    """The newest commit that still had pipeline/data.py (the parent of the one that made it a package),
+    so that the default holds before and after this branch is merged."""
+    deleted = subprocess.run(["git", "rev-list", "-1", "HEAD", "--", "pipeline/data.py"], cwd=REPO, check=True,
+                             capture_output=True, text=True).stdout.strip()
+    return f"{deleted}^"
+
+
 def old_loader_module(rev: str) -> ModuleType:
-    """main's pipeline/data.py as the module `old_data` (its imports, pipeline.errors, .manifest and
-    .masking, are unchanged since)."""
+    """The old loader, pipeline/data.py at `rev`, as the module `old_data` (its imports, pipeline.errors,
+    .manifest and .masking.mask_tokens, are unchanged since)."""
     source = subprocess.run(["git", "show", f"{rev}:pipeline/data.py"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp(prefix="bench_loader-")) / "old_data.py"
@@ -171,7 +179,8 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=2000)
     parser.add_argument("--mask-prob", type=float, default=0.15)
     parser.add_argument("--resume-at", type=int, default=0, help="micro-batches into epoch 0 (0: half the epoch)")
-    parser.add_argument("--old-rev", default="main", help="the git revision whose pipeline/data.py is the old loader")
+    parser.add_argument("--old-rev", help="the git revision whose pipeline/data.py is the old loader (default: "
+                        "the last commit that had it)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not (args.data / "manifest.json").is_file():
@@ -179,6 +188,7 @@ def main() -> None:
 
         ensure_data(args.data, 64, 4096, REPO / "data" / "demo-corpus")
     torch.set_num_threads(1)
+    args.old_rev = args.old_rev or last_single_module_loader()
     manifest = Manifest.load(str(args.data))
     spec = MaskSpec(args.mask_prob, manifest.vocab_size, manifest.special_ids["mask"],
                     tuple(sorted(set(manifest.special_ids.values()))))
