@@ -26,13 +26,13 @@ import torch
 
 from pipeline import checkpoint, preflight
 from pipeline.config import Config, ConfigError, candidates_per_micro_step, exit_layer_run, flatten
-from pipeline.data import DataFaults, eval_batches, micro_steps_per_epoch, train_loader
+from pipeline.data import DataFaults, eval_batches, train_loader
 from pipeline.distributed import DistInfo, all_reduce_sum
 from pipeline.ds_config import REPO_ROOT, build_ds_config, zero_stage
 from pipeline.evaluate import evaluate
 from pipeline.export import export_hf
 from pipeline.guards import check_state_finite
-from pipeline.manifest import DataError, Manifest
+from pipeline.manifest import Manifest
 from pipeline.masking import eval_mask_spec, mask_spec
 from pipeline.model import attention_backend, build_model, num_parameters
 from pipeline.progress import Progress
@@ -152,24 +152,23 @@ class Run:
         return time.perf_counter() - self._started
 
     def _candidate_batches(self) -> Iterator[dict]:
-        """Candidate micro-batches forever, epoch after epoch, from the saved data position."""
+        """Candidate micro-batches forever from the saved data position, out of one DataLoader whose
+        workers go on from epoch to epoch; the progress counters follow the batches' positions."""
         cfg, info = self.cfg, self.info
-        batch = candidates_per_micro_step(cfg)
-        while True:
-            p = self.progress  # read each epoch: resume() replaces it before the first batch is drawn
-            if micro_steps_per_epoch(self.manifest, p.epoch, cfg.train.seed, info.world_size, batch) == 0:
-                raise DataError(f"too few train samples for one micro-batch of {batch} per rank on {info.world_size} "
-                                "ranks", self.manifest.path, "use a smaller train.micro_batch or more data")
-            loader, _ = train_loader(self.manifest, self.spec, batch=batch, epoch=p.epoch, seed=cfg.train.seed,
-                                     rank=info.rank, world=info.world_size, start=p.micro_in_epoch,
-                                     shuffle_buffer=cfg.data.shuffle_buffer, strict=cfg.data.strict,
-                                     num_workers=cfg.data.num_workers, verify=cfg.data.verify)
-            for candidates in loader:
-                p.micro_in_epoch += 1
-                yield self.faults.update(candidates)
-            p.epoch, p.micro_in_epoch = p.epoch + 1, 0
-            self.faults.end_epoch()
-            log.info("epoch %d done", p.epoch)
+        p = self.progress  # read at the first batch: resume() replaces it before
+        loader, _ = train_loader(self.manifest, self.spec, batch=candidates_per_micro_step(cfg), epoch=p.epoch,
+                                 seed=cfg.train.seed, rank=info.rank, world=info.world_size, start=p.micro_in_epoch,
+                                 shuffle_buffer=cfg.data.shuffle_buffer, strict=cfg.data.strict,
+                                 num_workers=cfg.data.num_workers, verify=cfg.data.verify, epochs=None,
+                                 device_type=info.device.type)
+        for candidates in loader:
+            epoch, micro = candidates.pop("position")
+            if epoch != p.epoch:
+                p.epoch = epoch
+                self.faults.end_epoch()
+                log.info("epoch %d done", epoch)
+            p.micro_in_epoch = micro + 1
+            yield self.faults.update(candidates)
 
     def log_window(self, window: list[StepMetrics]) -> None:
         t = self.cfg.train
