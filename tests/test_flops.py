@@ -1,5 +1,5 @@
 """The FLOP count of pipeline/flops.py: against hand counts, against the real modules (so the count
-follows the model if a preset or transformers changes).
+follows the model if a preset or transformers changes), and the throughput metrics a run logs.
 
 Checked to fail: counting the MLP as 2*h*i for modernbert made the module test red for modernbert
 (its gated Wi is h x 2i); dropping the attention term made both hand counts red.
@@ -11,7 +11,9 @@ from torch import nn
 
 from pipeline import flops
 from pipeline.config import load_config
-from tests.conftest import REPO
+from pipeline.manifest import Manifest
+from tests.conftest import REPO, tiny_config
+from tests.fault_helpers import journal
 
 # tiny (L 2, h 32, i 64) on the tests' data (V 120, T 32), M = 5 masked positions:
 #   P = 4*32*32 + 2*32*64 = 4,096 + 4,096 = 8,192
@@ -100,3 +102,29 @@ def test_step_work_of_each_policy():
     assert work("select.policy=sift_mask").scoring_flops_per_sample == flops.scoring_flops(s, 1, 0.8 * 0.15 * 32)
     # two steps, one selecting: training twice, scoring once
     assert sift.flops(1, 2) == 2 * 32 * sift.train_flops_per_sample + 96 * sift.scoring_flops_per_sample
+
+
+def test_a_run_logs_throughput_consistent_with_the_formula_and_step_time(tiny_data, tmp_path, dist_info):
+    from pipeline.train import train
+
+    peak = 0.002  # TFLOP/s: a made-up peak, so that the CPU run logs MFU
+    cfg = tiny_config(tiny_data, tmp_path, "select.policy=sift", "train.max_steps=3", "train.export=false",
+                      "select.probe_every=0", f"train.peak_tflops={peak}")
+    train(cfg, dist_info)
+    logged = {key: journal(tmp_path, key) for key in (
+        "time/step_s", "throughput/samples_per_s", "throughput/tokens_per_s", "throughput/seen_samples_per_s",
+        "throughput/seen_tokens_per_s", "throughput/tflops", "throughput/mfu", "throughput/mfu_backprop")}
+    vocab = Manifest.load(str(tiny_data)).vocab_size
+    s, masked = flops.Shape("bert", 2, 32, 64, vocab, 32), 0.15 * 32
+    train_per_step = 8 * flops.train_flops(s, masked)  # m = 8 backpropagated, one rank, log_every 1
+    all_per_step = train_per_step + 16 * flops.scoring_flops(s, 1, masked)  # 16 candidates scored
+    for step in (1, 2, 3):
+        step_s = logged["time/step_s"][step][-1]
+        got = {key: values[step][-1] for key, values in logged.items()}
+        assert got["throughput/samples_per_s"] == pytest.approx(8 / step_s, rel=1e-9)
+        assert got["throughput/tokens_per_s"] == pytest.approx(8 * 32 / step_s, rel=1e-9)
+        assert got["throughput/seen_samples_per_s"] == pytest.approx(16 / step_s, rel=1e-9)
+        assert got["throughput/seen_tokens_per_s"] == pytest.approx(16 * 32 / step_s, rel=1e-9)
+        assert got["throughput/tflops"] == pytest.approx(all_per_step / step_s / 1e12, rel=1e-9)
+        assert got["throughput/mfu"] == pytest.approx(all_per_step / step_s / 1e12 / peak, rel=1e-9)
+        assert got["throughput/mfu_backprop"] == pytest.approx(train_per_step / step_s / 1e12 / peak, rel=1e-9)
