@@ -23,6 +23,9 @@ layer, M masked positions per sample (the MLM head runs only there: pipeline/mod
       score(k, M) = fwd(k, M)           exact / selective_backprop score at k = L
     M defaults to the expected count mask_prob * T (the loader masks only non-special tokens, so this
     is a slight overcount); sift_mask scores only the [MASK] inputs: M' = mask_share * mask_prob * T.
+    With static shapes (train.static_shapes, on by default on CUDA) the head runs at a fixed
+    pipeline.masking.head_capacity of positions, ~10% more than M at BERT-base's batch: that padding
+    is hardware work, not model work, and is not counted (MFU counts the model's FLOPs).
 
     per optimizer step, all ranks (A = grad_accum, W = world size, m = micro_batch, C = m * oversample):
       train(M) * m*A*W  +  score(k, M') * C*A*W  (the second term only on steps that select)
