@@ -6,8 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: setup demo test test-slow test-slurm clean-demo
+.PHONY: setup demo test test-slow test-slurm gpu-check gpu-check-dry clean-demo
 
 setup: $(VENV)/.installed
 
@@ -31,6 +32,14 @@ test-slow: setup
 
 test-slurm: setup
 	$(BIN)/python -m pytest -m slurm $(PYTEST_ARGS)
+
+# The first campaign on a GPU machine (< 8 min on one H200): one table, gpu_check.json under runs/gpu-check/.
+# gpu-check-dry: the same on the CPU, tiny preset and data (< 3 min on 2 cores); CI runs it via test-slow.
+gpu-check: setup
+	PY=$(BIN)/python bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+gpu-check-dry: setup
+	PY=$(BIN)/python bash scripts/gpu_check.sh --dry-run $(GPU_CHECK_ARGS)
 
 clean-demo:
 	rm -rf .demo

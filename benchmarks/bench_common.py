@@ -143,16 +143,21 @@ class Stopwatch:
 
 
 class Phases:
-    """Accumulates wall and CPU seconds per named phase of a loop; `total`/`cpu` are their sums."""
+    """Accumulates wall and CPU seconds per named phase of a loop; `total`/`cpu` are their sums.
+    `sync` (torch.cuda.synchronize on a GPU) runs before each clock reading: kernels are asynchronous,
+    and without it a phase would be charged for the kernels queued before it."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        self.sync = sync or (lambda: None)
         self.watch = Stopwatch()
         self.acc: dict[str, list[float]] = {}
 
     def restart(self) -> None:
+        self.sync()
         self.watch.lap()
 
     def mark(self, name: str) -> None:
+        self.sync()
         wall, cpu = self.watch.lap()
         acc = self.acc.setdefault(name, [0.0, 0.0])
         acc[0] += wall
@@ -165,6 +170,45 @@ class Phases:
         out["total"] = sum(wall for wall, _ in self.acc.values()) / units
         out["cpu"] = sum(cpu for _, cpu in self.acc.values()) / units
         return out
+
+
+def calibrate_pieces(engine, score_batch: dict, train_batch: dict, reps: int,
+                     sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """The cost model's pieces timed on the engine's own BERT module, per repetition (wall and CPU):
+    emb, block (one encoder layer) and head (mlm.cls at the masked positions plus one per-token
+    cross-entropy) on the scoring batch, no_grad in eval mode; fwd, bwd and opt of one training step
+    on the train batch through the engine. Scoring at exit k is modelled as emb + k * block + head."""
+    from torch.nn import functional as F
+
+    mlm, ph = engine.module.mlm, Phases(sync)
+    ids, labels = score_batch["input_ids"], score_batch["labels"]
+    masked = labels != -100
+    for _ in range(reps):
+        mlm.eval()
+        with torch.no_grad():
+            ph.restart()
+            hidden = mlm.bert.embeddings(input_ids=ids)  # (n, T, H)
+            ph.mark("emb")
+            after = mlm.bert.encoder.layer[0](hidden)
+            ph.mark("block")
+            F.cross_entropy(mlm.cls(after[masked]).float(), labels[masked], reduction="none")  # (N,)
+            ph.mark("head")
+        mlm.train()
+        ph.restart()
+        out = engine(train_batch["input_ids"], train_batch["labels"])
+        ph.mark("fwd")
+        engine.backward(out.loss)
+        ph.mark("bwd")
+        engine.step()
+        ph.mark("opt")
+    return ph.per(reps)
+
+
+def modelled_step(pieces: dict[str, float], exit_layer: int | None, clock: str = "wall") -> tuple[float, float]:
+    """(scoring, training) seconds of one step by the cost model; scoring 0 for exit_layer None (vanilla)."""
+    p = {key: pieces[clock_key(key, clock)] for key in ("emb", "block", "head", "fwd", "bwd", "opt")}
+    scoring = 0.0 if exit_layer is None else p["emb"] + exit_layer * p["block"] + p["head"]
+    return scoring, p["fwd"] + p["bwd"] + p["opt"]
 
 
 def clock_key(key: str, clock: str) -> str:

@@ -30,7 +30,6 @@ import json
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 import bench_common as bc
 
@@ -87,28 +86,7 @@ def main() -> None:
     train_batch = bc.random_batch(args.m, args.seq, args.vocab, rng, key="train-")
 
     def pieces() -> dict[str, float]:
-        ph = bc.Phases()
-        ids, labels = score_batch["input_ids"], score_batch["labels"]
-        masked = labels != -100
-        for _ in range(args.reps):
-            mlm.eval()
-            with torch.no_grad():
-                ph.restart()
-                hidden = mlm.bert.embeddings(input_ids=ids)  # (n, T, H)
-                ph.mark("emb")
-                after = mlm.bert.encoder.layer[0](hidden)
-                ph.mark("block")
-                F.cross_entropy(mlm.cls(after[masked]), labels[masked], reduction="none")  # (N,)
-                ph.mark("head")
-            mlm.train()
-            ph.restart()
-            out = engine(train_batch["input_ids"], train_batch["labels"])
-            ph.mark("fwd")
-            engine.backward(out.loss)
-            ph.mark("bwd")
-            engine.step()
-            ph.mark("opt")
-        return ph.per(args.reps)
+        return bc.calibrate_pieces(engine, score_batch, train_batch, args.reps)
 
     print(f"{args.preset}: {L} layers, hidden {mlm.config.hidden_size}, vocab {args.vocab}, seq {args.seq}, "
           f"m {args.m}, oversample {args.oversample} ({n} candidates), {torch.get_num_threads()} threads")
@@ -130,7 +108,7 @@ def report(records: dict, args: argparse.Namespace, L: int, n: int, clock: str) 
         return bc.median(records[name], bc.clock_key(key, clock))
 
     p = {key: med("pieces", key) for key in ("emb", "block", "head", "fwd", "bwd", "opt")}
-    train = p["fwd"] + p["bwd"] + p["opt"]
+    _, train = bc.modelled_step(p, None)
     print(f"\n{clock} clock, pieces (median s): emb({n}) {p['emb']:.4f}, block({n}) {p['block']:.4f}, "
           f"head({n}) {p['head']:.4f}; fwd({args.m}) {p['fwd']:.4f}, bwd({args.m}) {p['bwd']:.4f} "
           f"(bwd/fwd {p['bwd'] / p['fwd']:.2f}), opt {p['opt']:.4f}; modelled train step {train:.4f}")
@@ -143,7 +121,7 @@ def report(records: dict, args: argparse.Namespace, L: int, n: int, clock: str) 
         if name == "pieces":
             continue
         k = None if name == "vanilla" else int(name.split("@")[1])
-        score_model = 0.0 if k is None else p["emb"] + k * p["block"] + p["head"]
+        score_model, _ = bc.modelled_step(p, k)
         step, scoring = med(name, "total"), med(name, "scoring")
         label = f"{name} (exact)" if k == L else name
         print(f"| {label} | {step:.3f} | {bc.spread(recs, bc.clock_key('total', clock))} | {score_model + train:.3f} | "

@@ -100,6 +100,7 @@ class TrainConfig:
     export: bool = True  # write a Hugging Face model directory at the end
     record_keys: bool = False  # write each step's candidate and kept sample keys to out_dir/keys/
     init_from: str = ""  # warm start: module weights only from this checkpoint (a run dir or its step dir)
+    peak_tflops: float = 0.0  # the GPU's dense peak TFLOP/s for throughput/mfu; 0 = from pipeline/flops.py's table (unknown on CPU: no MFU)
 
 
 @dataclass
@@ -302,6 +303,7 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     _check(t.threads >= 0, "train.threads", "must be >= 0")
+    _check(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = from the GPU's name)")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
     _check(t.static_shapes in ("auto", "true", "false"), "train.static_shapes",
            f"must be auto, true or false, got {t.static_shapes!r}")

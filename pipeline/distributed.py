@@ -91,6 +91,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name as CUDA gives it ("NVIDIA H100 80GB HBM3"): it picks the peak in pipeline/flops.py."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
     """Each value's maximum over the ranks (one small collective): every rank then decides alike."""
     if info.world_size == 1:

@@ -27,10 +27,11 @@ import torch
 from pipeline import checkpoint, preflight
 from pipeline.config import Config, ConfigError, candidates_per_micro_step, exit_layer_run, flatten
 from pipeline.data import DataFaults, eval_batches, train_loader
-from pipeline.distributed import DistInfo, all_reduce_sum
+from pipeline.distributed import DistInfo, all_reduce_sum, device_name
 from pipeline.ds_config import REPO_ROOT, build_ds_config, zero_stage
 from pipeline.evaluate import evaluate
 from pipeline.export import export_hf
+from pipeline.flops import resolve_peak, step_work
 from pipeline.guards import check_state_finite
 from pipeline.manifest import Manifest
 from pipeline.masking import eval_mask_spec, mask_spec
@@ -60,6 +61,9 @@ class Run:
                                 batch=cfg.train.micro_batch,
                                 rank=info.rank, world=info.world_size, verify=cfg.data.verify)
         self.batches: Iterator[dict] = self._candidate_batches()
+        # what a step does, for the throughput metrics: FLOPs from the config, the peak from the GPU's name
+        self.work = step_work(cfg, info.world_size, manifest.vocab_size, manifest.seq_len,
+                              resolve_peak(cfg.train.peak_tflops, device_name(info.device)))
         self._started = time.perf_counter()
         self._closed = False
 
@@ -104,6 +108,9 @@ class Run:
         log.info("model %s %s: %.2fM parameters, attention %s, ZeRO stage %d, %d ranks on %s", cfg.model.arch,
                  cfg.model.preset, num_parameters(engine.module) / 1e6, attention_backend(engine.module),
                  zero_stage(ds_config), info.world_size, info.device.type)
+        log.info("%.3g GFLOP per backpropagated sample, %.3g per scored candidate (pipeline/flops.py); peak %s",
+                 run.work.train_flops_per_sample / 1e9, run.work.scoring_flops_per_sample / 1e9,
+                 f"{run.work.peak_tflops:g} TFLOP/s per rank" if run.work.peak_tflops else "unknown: no MFU")
         return run
 
     def resume(self) -> bool:
@@ -171,10 +178,7 @@ class Run:
             yield self.faults.update(candidates)
 
     def log_window(self, window: list[StepMetrics]) -> None:
-        t = self.cfg.train
-        samples_per_step = t.micro_batch * t.grad_accum * self.info.world_size
-        self.tracker.log_metrics(window_metrics(window, self.progress, self.manifest.seq_len, samples_per_step),
-                                 self.progress.step)
+        self.tracker.log_metrics(window_metrics(window, self.progress, self.work), self.progress.step)
 
     def evaluate(self) -> dict[str, float]:
         """Eval metrics, logged with the progress counters at this point (curves need no join)."""
@@ -269,6 +273,7 @@ class Run:
                             "derived.candidates_per_micro_step": candidates_per_micro_step(cfg),
                             "derived.exit_layer": "-" if exit_layer is None else exit_layer,
                             "derived.parameters": num_parameters(self.engine.module),
+                            "derived.peak_tflops": self.work.peak_tflops or "-",
                             "data.seq_len": manifest.seq_len, "data.vocab_size": manifest.vocab_size})
         tracker.set_tags({"policy": cfg.select.policy, "exit_layer": "-" if exit_layer is None else str(exit_layer),
                           "preset": cfg.model.preset, "seed": str(cfg.train.seed), "git_commit": git_commit(),

@@ -19,6 +19,7 @@ SAFE_TO_CHANGE = (  # keys (or key prefixes ending in ".") a resumed run may cha
     "train.eval_every", "train.eval_every_s",
     "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.max_nonfinite_in_a_row",
     "train.threads", "train.export", "train.record_keys", "train.resume", "train.init_from", "train.out_dir",
+    "train.peak_tflops",
     "data.num_workers", "data.strict", "data.dir", "select.probe_every", "tracking.",
 )
 

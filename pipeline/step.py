@@ -16,6 +16,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.distributed import DistInfo
+from pipeline.flops import StepWork, throughput_metrics
 from pipeline.guards import check_finite
 from pipeline.masking import head_capacity
 from pipeline.progress import Progress
@@ -111,17 +112,15 @@ def train_step(engine, selector: Selector, batches: Iterator[dict], progress: Pr
                        _mean_of(pool_ce), probe_metrics, selecting)
 
 
-def window_metrics(window: list[StepMetrics], progress: Progress, seq_len: int, samples_per_step: int
-                   ) -> dict[str, float]:
+def window_metrics(window: list[StepMetrics], progress: Progress, work: StepWork) -> dict[str, float]:
     """The metrics of a log window: means of its steps (probe/* is in one step's entry), throughput
-    and the progress counters."""
+    over the window's step time (pipeline/flops.py) and the progress counters."""
     entries = _on_host([step.as_metrics() for step in window])
     keys = dict.fromkeys(key for entry in entries for key in entry)
     metrics = {key: mean([entry[key] for entry in entries if key in entry]) for key in keys}
-    step_s = metrics["time/step_s"]
-    metrics.update({"train/samples_per_s": samples_per_step / step_s,
-                    "train/tokens_per_s": samples_per_step * seq_len / step_s,
-                    "progress/samples_seen": progress.samples_seen,
+    metrics.update(throughput_metrics(work, len(window), sum(step.selecting for step in window),
+                                      sum(step.step_s for step in window)))
+    metrics.update({"progress/samples_seen": progress.samples_seen,
                     "progress/samples_backpropagated": progress.samples_backprop,
                     "progress/train_time_s": progress.train_time_s, "progress/wall_clock_s": progress.wall_clock_s,
                     "train/nonfinite_skipped": progress.nonfinite_skipped})

@@ -41,7 +41,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tiny_data, tmp_path, dist
     assert run.data.params["derived.train_batch_size"] == "8"
     assert run.data.tags["policy"] == "sift" and run.data.tags["preset"] == "tiny"
     assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["sift.kind"] == "train"
-    for key in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
+    for key in ("train/loss", "train/lr", "train/grad_norm", "throughput/samples_per_s", "throughput/tokens_per_s",
                 "progress/samples_seen", "progress/samples_backpropagated", "progress/wall_clock_s",
                 "eval/loss", "eval/accuracy", "select/kept_loss", "select/dropped_loss", "time/scoring_s",
                 "probe/spearman", "probe/topk_overlap"):
