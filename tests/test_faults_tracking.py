@@ -20,11 +20,11 @@ def at_steps(monkeypatch, actions: dict[int, callable]) -> None:
     """Run actions[k] once, in the step after step k (the selector is called once per micro-step)."""
     select, done = Selector.select, set()
 
-    def select_with_actions(self, model, batch, step, fraction=None):
+    def select_with_actions(self, model, batch, step, *args, **kwargs):
         if step in actions and step not in done:
             done.add(step)
             actions[step]()
-        return select(self, model, batch, step, fraction)
+        return select(self, model, batch, step, *args, **kwargs)
 
     monkeypatch.setattr(Selector, "select", select_with_actions)
 
