@@ -17,14 +17,22 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from pipeline.signals import StopFlag
 
 log = logging.getLogger("pipeline.train")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as the one `error:` line of every other bad input (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (command line): see `{self.prog} --help`\n")
+
+
 def parse_args(argv: list[str] | None, description: str | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=description,
+    parser = _Parser(prog="python -m pipeline.train", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON run config (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -143,7 +143,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         raw = _read_file(path)
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip() or "" in key.strip().split("."):
             raise ConfigError(f"override {item!r} is not key=value", "--set", "write it as --set train.lr=5e-4")
         try:
             parsed = yaml.safe_load(value)  # parsed as the YAML file's values are
@@ -158,6 +158,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def _read_file(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        raise ConfigError("--config is a directory", path, "pass a YAML or JSON run config file (see configs/)")
     if not os.path.isfile(path):
         raise ConfigError("config file not found", path, "pass an existing file to --config (see configs/)")
     try:
@@ -242,7 +244,7 @@ def _number(value: Any, hint: type, key: str) -> int | float:
         except ValueError:
             number = None
     if isinstance(number, bool) or not isinstance(number, (int, float)):
-        raise ConfigError(f"expected {kind}, got {value!r}", key, set_key(key, "3" if hint is int else "5e-4"))
+        raise ConfigError(f"expected {kind}, got {value!r}", key, set_key(key, "3" if hint is int else "0.1"))
     if not math.isfinite(number):
         raise ConfigError(f"expected a finite number, got {value!r}", key, set_key(key))
     if hint is int:

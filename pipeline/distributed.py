@@ -50,8 +50,9 @@ def choose_device(requested: str = "auto", env: dict[str, str] | None = None) ->
     if asked:
         why = "built without CUDA" if torch.version.cuda is None else "no usable CUDA device or driver"
         raise DeviceError(f"GPUs were asked for ({', '.join(asked)}) but none is usable (torch {torch.__version__}: "
-                          f"{why})", "train.device", "install torch's CUDA build (README, 'CUDA machines') or "
-                          "run on the CPU with --set train.device=cpu")
+                          f"{why})", "train.device",
+                          "install torch's CUDA build (README, 'Two commands': make setup TORCH_INDEX=...cu128) "
+                          "or run on the CPU with --set train.device=cpu")
     return "cpu"
 
 

@@ -40,13 +40,21 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+# the sections read here as objects; DeepSpeed's own config takes them as objects too
+SECTIONS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "activation_checkpointing", "comms_logger")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"not valid JSON ({err})", str(path), "fix the syntax at the place named") from None
     if not isinstance(data, dict):
         raise ConfigError("the top level is not a JSON object", str(path), "write it as {\"key\": value, ...}")
+    for key, value in data.items():
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{key!r} is {json.dumps(value)}, not a JSON object", str(path),
+                              f'write it as "{key}": {{...}} (see ds_configs/ for examples)')
     for key in OWNED_BY_RUN_CONFIG:
         if key in data:
             raise ConfigError(f"sets {key!r}, which is derived from the run config", str(path),

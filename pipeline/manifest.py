@@ -19,6 +19,8 @@ class Manifest:
         self.location = location.rstrip("/")
         self.path = f"{self.location}/manifest.json"
         self.data = data
+        if not isinstance(data, dict):
+            raise DataError(f"the manifest is {type(data).__name__}, not a JSON object", self.path, REBUILD)
         for key in ("seq_len", "vocab_size", "shards", "tokenizer"):
             if key not in data:
                 raise DataError(f"manifest lacks the key {key!r}", self.path, REBUILD)
@@ -28,7 +30,9 @@ class Manifest:
         missing = {"cls", "sep", "pad", "mask"} - set(special)
         if missing:
             raise DataError(f"tokenizer.special_ids lacks {sorted(missing)}", self.path, REBUILD)
-        self.special_ids: dict[str, int] = {k: int(v) for k, v in special.items()}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in special.values()):
+            raise DataError(f"tokenizer.special_ids has a value that is not a token id: {special!r}", self.path, REBUILD)
+        self.special_ids: dict[str, int] = dict(special)
         if not isinstance(data["shards"], list):
             raise DataError("'shards' is not a list", self.path, REBUILD)
         for index, shard in enumerate(data["shards"]):
@@ -50,8 +54,13 @@ class Manifest:
         if "://" in location:
             import urllib.request
 
-            with urllib.request.urlopen(f"{location.rstrip('/')}/manifest.json") as response:
-                return cls(location, json.loads(response.read()))
+            url = f"{location.rstrip('/')}/manifest.json"
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    return cls(location, json.loads(response.read()))
+            except (OSError, ValueError) as err:  # URLError, timeouts, not JSON, not UTF-8
+                raise DataError(f"cannot read the manifest ({type(err).__name__}: {err})", url,
+                                "check the URL and that the server is up, or copy the shards locally") from None
         path = Path(location) / "manifest.json"
         if not Path(location).is_dir():
             raise DataError(f"no such directory: {location}", "data.dir",
@@ -61,7 +70,7 @@ class Manifest:
                             "point data.dir at the --out directory of python -m data_prep build")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DataError(f"manifest is not valid JSON ({err})", str(path), REBUILD) from None
         manifest = cls(location, data)
         manifest.check_local_shards()

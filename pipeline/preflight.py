@@ -148,7 +148,8 @@ def check_first_sample(manifest: Manifest, strict: bool) -> None:
         next(iter(shard_stream([url], manifest.seq_len, manifest.vocab_size, SkipCounter(strict=True))), None)
     except SampleMismatchError as err:
         raise DataError(f"the shards do not match their manifest (seq_len {manifest.seq_len}, vocab_size "
-                        f"{manifest.vocab_size}): {err}", manifest.path, "rebuild the shards with data_prep") from None
+                        f"{manifest.vocab_size}): {getattr(err, 'what', err)} in {url}", manifest.path,
+                        "rebuild the shards with data_prep") from None
     except CorruptSampleError as err:
         if strict:
             raise DataError(f"the first train shard is damaged: {err}", url,

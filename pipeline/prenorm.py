@@ -3,7 +3,7 @@
 HF BERT is post-LN: x = LN(x + sublayer(x)). Pre-LN (as in Cramming) is x = x + sublayer(LN(x)), plus
 one final LayerNorm before the MLM head. On a CPU budget post-LN BERT sits for a long time on the
 "predict frequent words" plateau; pre-LN with a higher peak LR leaves it within minutes
-(docs/RESULTS.md).
+(docs/PLATEAU_STUDY.md).
 
 Each encoder layer is replaced in place by a `PreLNLayer` that reuses the original submodules (so
 parameter names stay `attention.self.query`, `attention.output.LayerNorm`, ...), and the final

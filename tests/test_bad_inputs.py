@@ -54,6 +54,10 @@ CLI_CASES = [  # id, config file name and text (None: tiny.yaml), overrides, whe
     ("infinite LR in a config file", ("run.yaml", "train: {lr: .inf}\n"), [], r"train\.lr",
      r"expected a finite number, got inf"),
     ("NaN dropout", None, ["model.dropout=.nan"], r"model\.dropout", r"expected a finite number"),
+    # found by the RELIABILITY.md walk-through (bare "unknown config key" line; "config file not found")
+    ("override with no key", None, ["=5"], r"--set", r"override '=5' is not key=value"),
+    ("override with an empty section", None, ["train..lr=1"], r"--set", r"override 'train..lr=1' is not key=value"),
+    ("config is a directory", ("conf.d/", None), [], r".*conf\.d", r"--config is a directory"),
 ]
 
 
@@ -69,7 +73,10 @@ def test_bad_config_fails_with_one_line_before_any_setup(tmp_path, monkeypatch, 
     path = str(REPO / "configs" / "tiny.yaml")
     if config is not None:
         path = str(tmp_path / config[0])
-        Path(path).write_bytes(config[1].encode("utf-8", "surrogateescape"))
+        if config[1] is None:
+            Path(path).mkdir()
+        else:
+            Path(path).write_bytes(config[1].encode("utf-8", "surrogateescape"))
     argv = ["--config", path] + [arg for item in overrides for arg in ("--set", item)]
     assert train_module.main(argv) == 2
     err = capsys.readouterr().err
@@ -131,9 +138,9 @@ def overrides(*items: str):
     return lambda data, out, tmp: list(items)
 
 
-def ds_json(text: str):
+def ds_json(text: str | bytes):
     def mutate(data: Path, out: Path, tmp: Path) -> list[str]:
-        (tmp / "bad.json").write_text(text)
+        (tmp / "bad.json").write_bytes(text if isinstance(text, bytes) else text.encode())
         return [f"train.ds_configs=[ds_configs/base.json, {tmp / 'bad.json'}]"]
     return mutate
 
@@ -201,6 +208,14 @@ DATA_CASES = [  # id, mutate(data, out, tmp) -> overrides, world size, error, wh
     ("empty shard dir", empty_dir, 1, DataError, r"data\.dir", r"has no manifest.json: not a data_prep output directory"),
     ("manifest not JSON", lambda d, o, t: [(d / "manifest.json").write_text("{"), []][1], 1, DataError,
      r".*manifest\.json", r"manifest is not valid JSON"),
+    ("manifest not UTF-8", lambda d, o, t: [(d / "manifest.json").write_bytes(b"\xff\xfe not json"), []][1], 1,
+     DataError, r".*manifest\.json", r"manifest is not valid JSON"),
+    ("manifest a JSON null", lambda d, o, t: [(d / "manifest.json").write_text("null"), []][1], 1, DataError,
+     r".*manifest\.json", r"the manifest is NoneType, not a JSON object"),
+    ("manifest special id not an id", edit_manifest(lambda m: m["tokenizer"]["special_ids"].update(mask="x")), 1,
+     DataError, r".*manifest\.json", r"tokenizer.special_ids has a value that is not a token id"),
+    ("manifest URL unreachable", lambda d, o, t: ["data.dir=http://127.0.0.1:9/shards"], 1, DataError,
+     r"http://127\.0\.0\.1:9/shards/manifest\.json", r"cannot read the manifest \(URLError"),
     ("manifest without seq_len", edit_manifest(lambda m: _del(m, "seq_len")), 1, DataError, r".*manifest\.json",
      r"manifest lacks the key 'seq_len'"),
     ("manifest seq_len a string", edit_manifest(lambda m: _set(m, seq_len="32")), 1, DataError, r".*manifest\.json",
@@ -244,6 +259,11 @@ DATA_CASES = [  # id, mutate(data, out, tmp) -> overrides, world size, error, wh
      r"sets 'gradient_accumulation_steps', which is derived from the run config"),
     ("DeepSpeed JSON sets micro-batch", ds_json('{"train_micro_batch_size_per_gpu": 4}'), 1, ConfigError,
      r".*bad\.json", r"sets 'train_micro_batch_size_per_gpu'"),
+    ("DeepSpeed JSON not UTF-8", ds_json(b"\xff\xfe{}"), 1, ConfigError, r".*bad\.json", r"not valid JSON"),
+    ("DeepSpeed JSON section a number", ds_json('{"zero_optimization": 2}'), 1, ConfigError, r".*bad\.json",
+     r"'zero_optimization' is 2, not a JSON object"),
+    ("DeepSpeed JSON section a bool", ds_json('{"bf16": true}'), 1, ConfigError, r".*bad\.json",
+     r"'bf16' is true, not a JSON object"),
     ("DeepSpeed JSON ZeRO stage 4", ds_json('{"zero_optimization": {"stage": 4}}'), 1, ConfigError,
      r"train\.ds_configs", r"zero_optimization.stage must be 0-3, got 4"),
     ("resume with another world size", checkpoint_of(world=2), 1, ConfigError, r"train\.out_dir",
@@ -272,3 +292,23 @@ def test_bad_input_fails_before_deepspeed_initialize(tiny_data, tmp_path, monkey
     assert re.fullmatch(where, err.where), err.where
     assert re.search(what, err.what), err.what
     assert err.fix and str(err) == f"{err.what} ({err.where}): {err.fix}"
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--set"], ["--config"]], ids=["unknown flag", "--set without a value",
+                                                                             "--config without a value"])
+def test_a_command_line_error_is_one_line_too(argv):
+    """argparse printed its usage and a second error line (two lines, no `(where): fix`) before the fix."""
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", *argv], env=clean_env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    line = ONE_LINE.fullmatch(result.stderr.strip())
+    assert line and line["where"] == "command line" and "--help" in line["fix"], result.stderr
+
+
+def test_tracking_sync_of_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
+    """It raised FileNotFoundError with a traceback (exit 1) before the fix."""
+    from pipeline.tracking.__main__ import main
+
+    assert main(["sync", str(tmp_path)]) == 2
+    line = ONE_LINE.fullmatch(capsys.readouterr().err.strip())
+    assert line and line["where"] == str(tmp_path) and "not a tracked run directory" in line["what"]

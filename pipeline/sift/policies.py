@@ -59,7 +59,7 @@ def unigram_residual_scores(scores: torch.Tensor, unigram_ce: torch.Tensor) -> t
     """Scores with their linear dependence on token rarity removed (policy sift_resid).
 
     Early in MLM training the per-sample loss is mostly the rarity of the masked words, so top-k by
-    loss keeps rare-word batches (docs/RESULTS.md). Returns loss - (a + b * unigram_ce), a and b the
+    loss keeps rare-word batches (docs/PLATEAU_STUDY.md). Returns loss - (a + b * unigram_ce), a and b the
     least-squares fit over this batch's finite scores: the kept samples are those more surprising
     than their words' rarity predicts. Samples without masked tokens stay at -inf."""
     finite = torch.isfinite(scores)
@@ -124,7 +124,7 @@ POLICIES: dict[str, Policy] = {
     "sift": Policy(keep_top, scored_at="exit"),
     "exact": Policy(keep_top, scored_at="last"),
     "selective_backprop": Policy(keep_selective_backprop, scored_at="last", needs_history=True),
-    # experiments from docs/RESULTS.md: rarity removed from the score; scored at [MASK] positions only
+    # experiments from docs/PLATEAU_STUDY.md: rarity removed from the score; scored at [MASK] positions only
     "sift_resid": Policy(keep_top_residual, scored_at="exit", needs_rarity=True),
     "sift_mask": Policy(keep_top, scored_at="exit", mask_positions_only=True),
 }

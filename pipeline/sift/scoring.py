@@ -39,7 +39,7 @@ def labels_at_mask_tokens(input_ids: torch.Tensor, labels: torch.Tensor, mask_id
     BERT's masking leaves 10% of the chosen positions unchanged and replaces 10% by a random token.
     A model that has learnt to copy its input is near-certain (and right) on the kept ones and
     confidently wrong on the replaced ones, so their losses say how many replacements a sample drew,
-    not how much it has left to teach (docs/RESULTS.md). The kept samples still train on all their
+    not how much it has left to teach (docs/PLATEAU_STUDY.md). The kept samples still train on all their
     labelled positions."""
     return torch.where(input_ids == mask_id, labels, torch.full_like(labels, IGNORE_INDEX))
 
