@@ -172,8 +172,11 @@ def warm_start(args: argparse.Namespace, target: float) -> Path:
 
 def compare(args: argparse.Namespace, experiment: str) -> Path:
     out = args.out / "compare" / experiment
+    # without vanilla arms (a map's random-vs-exact pair) the first policy is the baseline
+    baseline = "vanilla" if "vanilla" in args.policies else args.policies[0]
     subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", experiment, "--metric",
-                    args.metric, "--target", args.target, "--out", str(out)], cwd=REPO, check=True)
+                    args.metric, "--target", args.target, "--baseline", baseline, "--out", str(out)],
+                   cwd=REPO, check=True)
     write_diagnostics(args.out / "runs" / experiment, out)
     return out
 
