@@ -172,10 +172,8 @@ def warm_start(args: argparse.Namespace, target: float) -> Path:
 
 def compare(args: argparse.Namespace, experiment: str) -> Path:
     out = args.out / "compare" / experiment
-    # without vanilla arms (a map's random-vs-exact pair) the first policy is the baseline
-    baseline = "vanilla" if "vanilla" in args.policies else args.policies[0]
     subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", experiment, "--metric",
-                    args.metric, "--target", args.target, "--baseline", baseline, "--out", str(out)],
+                    args.metric, "--target", args.target, "--baseline", args.baseline, "--out", str(out)],
                    cwd=REPO, check=True)
     write_diagnostics(args.out / "runs" / experiment, out)
     return out
@@ -209,6 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metric", default=MASK_ACCURACY, choices=METRICS,
                    help="eval metric of the target, passed to pipeline.compare: [MASK] positions alone (default; "
                         "no credit for copying the kept tokens) or all masked positions")
+    p.add_argument("--baseline", default="vanilla",
+                   help="passed to pipeline.compare: the method ratios and the auto target refer to (a map's "
+                        "random-vs-exact arms: random)")
     p.add_argument("--target", default="auto", help="passed to pipeline.compare (a value of --metric or 'auto')")
     p.add_argument("--skip-done", action="store_true", help="keep runs that already FINISHED in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
