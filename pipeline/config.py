@@ -94,7 +94,7 @@ class TrainConfig:
     seed: int = 0  # weights, data order, masking and selection all follow it
     threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
     device: str = "auto"  # auto | cpu | cuda; auto: cuda when usable, and an error when GPUs were asked for but none works
-    compile: bool = False  # torch.compile the model's forward (engine.compile); measured in docs/BENCHMARKS.md, off by default
+    compile: bool = False  # torch.compile the model's forward (engine.compile); off: not yet measured on a GPU (docs/GPU.md)
     static_shapes: str = "auto"  # auto | true | false: the MLM head at a fixed number of positions (no host sync; auto: on CUDA)
     resume: bool = True  # resume from the newest complete checkpoint in out_dir
     export: bool = True  # write a Hugging Face model directory at the end
