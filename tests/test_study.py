@@ -42,11 +42,11 @@ def test_compare_step_targets_the_mask_accuracy_unless_told(tmp_path, monkeypatc
     commands = []
     monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
     monkeypatch.setattr(study, "write_diagnostics", lambda runs_dir, out: [])
-    for extra in ([], ["--metric", "eval/accuracy", "--target", "0.06"]):
+    for extra in ([], ["--metric", "eval/accuracy", "--target", "0.06", "--baseline", "random"]):
         study.compare(parse_args(["--out", str(tmp_path), *extra]), "exp")
     assert commands[0][2:] == ["pipeline.compare", "--experiment", "exp", "--metric", "eval/mask_accuracy",
-                               "--target", "auto", "--out", str(tmp_path / "compare" / "exp")]
-    assert commands[1][5:9] == ["--metric", "eval/accuracy", "--target", "0.06"]
+                               "--target", "auto", "--baseline", "vanilla", "--out", str(tmp_path / "compare" / "exp")]
+    assert commands[1][5:11] == ["--metric", "eval/accuracy", "--target", "0.06", "--baseline", "random"]
     with pytest.raises(SystemExit):
         parse_args(["--metric", "eval/loss"])
 
