@@ -15,19 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.study_diagnostics import read_journal  # noqa: E402
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
     """(backpropagated samples, [MASK] accuracy) at each eval, in order."""
-    by_step: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["key"] in ("eval/samples_backpropagated", "eval/mask_accuracy"):
-            by_step.setdefault(int(record["step"]), {})[record["key"]] = float(record["value"])
-    points = [(v["eval/samples_backpropagated"], v["eval/mask_accuracy"]) for _, v in sorted(by_step.items())
-              if len(v) == 2]
-    return points
+    journal = read_journal(run_dir)
+    backprops = dict(journal.get("eval/samples_backpropagated", []))
+    return [(backprops[step], accuracy) for step, accuracy in journal.get("eval/mask_accuracy", []) if step in backprops]
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
